@@ -1,0 +1,19 @@
+"""Shared test set-up: CPU devices, paths to the shared fixtures."""
+import os
+import pathlib
+
+# Several CPU devices so that sharded code runs in tests; must precede the first jax import.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures" / "reference"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> pathlib.Path:
+  if not FIXTURES.is_dir():
+    pytest.fail(f"reference fixtures not found at {FIXTURES} (../shared beside the repo root)")
+  return FIXTURES
