@@ -1,0 +1,71 @@
+"""The Seq2Seq training objective: reconstruction, cycle and perceptual terms.
+
+    total = λ_rec·(SmoothL1(G(src, ct), tgt) + SmoothL1(G(src, cs), src))
+          + λ_cyc·SmoothL1(G(G(src, ct), cs), src)
+          + λ_per·(P(G(src, ct), tgt) + P(G(src, cs), src))
+
+as the official training step computes it (reference page, "Training objective"). The source is
+encoded once and decoded for both codes: the official code runs the encoder twice on the same
+input, which gives the same numbers for twice the work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from seq2seq_jax import vgg as vgg_lib
+
+
+def smooth_l1(pred: jnp.ndarray, target: jnp.ndarray, beta: float = 1.0) -> jnp.ndarray:
+  """torch.nn.SmoothL1Loss (mean over all elements)."""
+  d = jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32))
+  return jnp.mean(jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta))
+
+
+def as_grey_images(x: jnp.ndarray) -> jnp.ndarray:
+  """Batch element 0 of `[b, t, *spatial, c]` in [-1, 1] → grey images `[n, H, W]` in [0, 1].
+
+  2D: every (t, channel) image, as the official loss. 3D (which the official code never
+  trains with this loss): every axial slice of every (t, channel) volume.
+  """
+  x0 = x[0]  # [t, *spatial, c]
+  x0 = jnp.moveaxis(x0, -1, 1)  # [t, c, *spatial]
+  return x0.reshape((-1,) + x0.shape[-2:]) / 2 + 0.5
+
+
+def seq2seq_objective(model, variables: Mapping[str, Any], src: jnp.ndarray,
+                      tgt: jnp.ndarray, src_code: jnp.ndarray, tgt_code: jnp.ndarray, *,
+                      lambda_rec: float = 10.0, lambda_cyc: float = 10.0,
+                      lambda_per: float = 0.0, vgg: Mapping[str, Any] | None = None):
+  """The whole objective of one official training step.
+
+  Args:
+    model: the linen `Generator`.
+    variables: its Flax variables (`{'params': ...}`); the loss is differentiable in them.
+    src: `[b, t_src, *spatial, c_in]` in [-1, 1].
+    tgt: `[b, t_tgt, *spatial, c_in]` in [-1, 1].
+    src_code, tgt_code: one-hot codes, `[1, c_s]` or `[b, c_s]`.
+    lambda_rec, lambda_cyc, lambda_per: term weights (official 10, 10, 0.01).
+    vgg: VGG19 params from `vgg.load_vgg19_params`; required when `lambda_per > 0`.
+
+  Returns:
+    `(total, {'rec': ..., 'cyc': ..., 'per': ...})`, float32 scalars.
+  """
+  if lambda_per > 0 and vgg is None:
+    raise ValueError("lambda_per > 0 needs VGG19 weights: pass vgg=load_vgg19_params(path)")
+  t_src, t_tgt = src.shape[1], tgt.shape[1]
+  latent = model.apply(variables, src, method="encode")
+  out_s = model.apply(variables, latent, src_code, t_src, method="decode")
+  out_t = model.apply(variables, latent, tgt_code, t_tgt, method="decode")
+  out_c = model.apply(variables, out_t, src_code, n_outseq=t_src)
+  rec = smooth_l1(out_t, tgt) + smooth_l1(out_s, src)
+  cyc = smooth_l1(out_c, src)
+  if lambda_per > 0:
+    per = (vgg_lib.perceptual_loss(vgg, as_grey_images(out_t), as_grey_images(tgt)) +
+           vgg_lib.perceptual_loss(vgg, as_grey_images(out_s), as_grey_images(src)))
+  else:
+    per = jnp.zeros((), jnp.float32)
+  total = lambda_rec * rec + lambda_cyc * cyc + lambda_per * per
+  return total, {"rec": rec, "cyc": cyc, "per": per}

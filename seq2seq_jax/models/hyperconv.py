@@ -1,0 +1,64 @@
+"""The hyperconvolution: a conv whose kernel and bias are generated from the style code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from seq2seq_jax.models import ops
+from seq2seq_jax.models.conv import conv_nd, linear_init, zeros
+
+# Official init of `param`: kaiming-normal with torch's fan-in of a [out, in, *k, c_w] tensor,
+# i.e. in · k^ndims · c_w. Flax layout here is [*k, in, out, c_w]: `in` is axis -3, `out` -2,
+# and the receptive field (k^ndims · c_w) is every other axis.
+hyper_param_init = nn.initializers.variance_scaling(
+    2.0, "fan_in", "normal", in_axis=-3, out_axis=-2)
+
+
+class HyperConv(nn.Module):
+  """Conv whose kernel = param · fc(s) and bias = b · fc_bias(s).
+
+  `s` is `[1, c_s]` (one code for the whole batch, as the official model) or `[n, c_s]` with
+  n = batch (one code per example). In the per-example case each example is convolved with its
+  own kernel; `vmap` turns that into one grouped convolution, not a loop.
+
+  Attributes:
+    features: output channels.
+    kernel_size: odd edge length k.
+    c_w: size of the weight basis.
+    pad: reflect padding per side, applied before a VALID convolution.
+    stride: conv stride.
+    ndims: 2 or 3.
+    dtype: compute dtype for the convolution.
+  """
+  features: int
+  kernel_size: int
+  c_w: int
+  pad: int = 0
+  stride: int = 1
+  ndims: int = 2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
+    in_features = x.shape[-1]
+    kshape = (self.kernel_size,) * self.ndims + (in_features, self.features, self.c_w)
+    param = self.param("param", hyper_param_init, kshape, jnp.float32)
+    b = self.param("b", zeros, (self.features, self.c_w), jnp.float32)
+    w = nn.Dense(self.c_w, kernel_init=linear_init, bias_init=zeros, name="fc")(s)
+    wb = nn.Dense(self.c_w, kernel_init=linear_init, bias_init=zeros, name="fc_bias")(s)
+    kernels = jnp.einsum("...w,nw->n...", param, w)  # [n, *k, in, out]
+    biases = wb @ b.T  # [n, out]
+    x = ops.reflect_pad(x.astype(self.dtype), self.pad)
+    kernels = kernels.astype(self.dtype)
+    biases = biases.astype(self.dtype)
+    if s.shape[0] == 1:
+      return conv_nd(x, kernels[0], self.stride) + biases[0]
+    if s.shape[0] != x.shape[0]:
+      raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
+                       "give one code for the batch or one per example")
+    y = jax.vmap(lambda xi, ki: conv_nd(xi[None], ki, self.stride)[0])(x, kernels)
+    return y + biases.reshape((biases.shape[0],) + (1,) * self.ndims + (self.features,))
