@@ -188,7 +188,7 @@ def save_torch_checkpoint(variables: Mapping[str, Any], cfg: Mapping[str, Any],
   import torch
 
   sd = variables_to_state_dict(variables, cfg)
-  tensors = collections.OrderedDict((k, torch.from_numpy(v)) for k, v in sd.items())
+  tensors = collections.OrderedDict((k, torch.from_numpy(v.copy())) for k, v in sd.items())
   pth_path = os.fspath(pth_path)
   tmp = f"{pth_path}.tmp"
   torch.save(tensors, tmp)

@@ -52,6 +52,7 @@ class ConvLSTM(nn.Module):
     constant = n_steps is not None
     steps = n_steps if constant else xs.shape[1]
     pad = [(1, 1)] * self.ndims
+    state_dtype = jnp.promote_types(self.dtype, jnp.float32)
     h_seq = None
     for layer in range(self.num_layers):
       inputs = xs if layer == 0 else h_seq
@@ -74,14 +75,14 @@ class ConvLSTM(nn.Module):
         zx_at = lambda t, zx=zx: zx[:, t]
         zx_rest = jnp.moveaxis(zx[:, 1:], 1, 0)  # time-major for the scan
 
-      i, _, o, g = _gates(zx_at(0).astype(jnp.float32), self.hidden)
+      i, _, o, g = _gates(zx_at(0).astype(state_dtype), self.hidden)
       c0 = i * g  # f · c_prev vanishes with c_prev = 0
       h0 = o * jnp.tanh(c0)
 
       def step(carry, zx_t, k_h=k_h):
         h, c = carry
         z = zx_t + conv_nd(h.astype(self.dtype), k_h, padding=pad)
-        i, f, o, g = _gates(z.astype(jnp.float32), self.hidden)
+        i, f, o, g = _gates(z.astype(state_dtype), self.hidden)
         c = f * c + i * g
         h = o * jnp.tanh(c)
         return (h, c), h

@@ -31,7 +31,7 @@ def instance_norm(x: jnp.ndarray) -> jnp.ndarray:
   Statistics are computed in float32 even when `x` is bf16, then cast back.
   """
   axes = tuple(range(1, x.ndim - 1))
-  xf = x.astype(jnp.float32)
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mean = jnp.mean(xf, axis=axes, keepdims=True)
   var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
   return ((xf - mean) * jnp.reciprocal(jnp.sqrt(var + NORM_EPS))).astype(x.dtype)
