@@ -1,0 +1,204 @@
+"""Readers, normalisation, prepare and the toy phantoms, checked against direct computations."""
+import json
+import os
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+import pytest
+
+from input_pipeline import (config, dataset, geometry, normalization, prepare, records,
+                            toy)
+
+SEQS = ["t1", "t1ce", "t2", "flair"]
+
+
+def official_direct(path, depth):
+  """The official recipe written out with numpy on the file as SimpleITK would give it."""
+  arr = np.asanyarray(nib.load(path).dataobj).T  # SimpleITK order (z, y, x)
+  amax = np.percentile(arr, 99) * 2
+  arr = np.clip(arr, 0, amax) / amax * 2 - 1
+  d = arr.shape[0]
+  rd = (d - depth) // 2 if d > depth else 0
+  return arr[rd:rd + depth].astype(np.float32), amax
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("toy") / "toy")
+  return toy.make_toy_dataset(root, 6, seed=3, size=20, num_workers=1, progress=False)
+
+
+def brats_cfg(root, cache, **kw):
+  c = config.default_data_config()
+  c.layout, c.root, c.cache_dir, c.num_workers = "brats", root, cache, 1
+  for s in ("train", "valid", "test"):
+    c[f"{s}_csv"] = os.path.join(root, f"{s}.csv")
+  c.depth = 16
+  c.update(kw)
+  return c
+
+
+def test_normalised_volumes_bit_equal_to_direct_numpy(toy_root, tmp_path):
+  for dtype in ("float32", "float16"):
+    d = prepare.prepare(brats_cfg(toy_root, str(tmp_path), dtype=dtype))
+    n = 0
+    for split in ("train", "valid", "test"):
+      for rec in dataset.read_subjects(d, split):
+        assert rec["depth_start"] == 2  # 20 slices, central 16 kept
+        for s, vol in rec["volumes"].items():
+          want, amax = official_direct(os.path.join(toy_root, rec["name"],
+                                                    f"{rec['name']}_{s}.nii.gz"), 16)
+          assert vol.dtype == np.float32 and vol.shape == (1,) + want.shape
+          if dtype == "float32":
+            np.testing.assert_array_equal(vol[0], want)
+          else:
+            np.testing.assert_array_equal(vol[0], want.astype(np.float16).astype(np.float32))
+          assert rec["scale"][s] == amax
+          n += 1
+    assert n > 10
+
+
+def test_int16_storage_round_trip():
+  v = np.linspace(-1, 1, 1001, dtype=np.float32)
+  stored = records.store_volume(v, "int16")
+  back = stored.astype(np.float32) * np.float32(records.storage_scale("int16"))
+  assert stored.dtype == np.int16 and np.max(np.abs(back - v)) <= 1.6e-5
+
+
+def test_records_never_use_pickle():
+  rec = dict(name="a", volumes={"t1": np.zeros((1, 2, 2, 2), np.float16)}, affine=np.eye(4),
+             storage_scale=1.0)
+  data = records.encode_record(rec)
+  assert b"\x80\x04" not in data[:2]  # not a pickle stream
+  obj = np.array([{"x": 1}], dtype=object)
+  with pytest.raises(ValueError):  # object arrays cannot be saved without pickle
+    records.array_to_bytes(obj)
+
+
+def test_splits_availability_and_train_only_stores_available(toy_root, tmp_path):
+  d = prepare.prepare(brats_cfg(toy_root, str(tmp_path)))
+  meta = dataset.load_metadata(d)
+  assert meta["sequences"] == SEQS
+  for split in ("train", "valid", "test"):
+    with open(os.path.join(toy_root, f"{split}.csv")) as f:
+      rows = [line.strip().split(",") for line in f if line.strip()]
+    recs = dataset.read_subjects(d, split)
+    assert [r["name"] for r in recs] == [n for n, _ in rows]
+    assert meta["splits"][split]["count"] == len(rows)
+    for rec, (_, mask) in zip(recs, rows):
+      bits = [int(c) for c in bin(int(mask))[2:].zfill(4)]
+      assert rec["available"] == bits
+      stored = [s for s in SEQS if s in rec["volumes"]]
+      assert stored == ([s for s, b in zip(SEQS, bits) if b] if split == "train" else SEQS)
+      ref = nib.load(os.path.join(toy_root, rec["name"], f"{rec['name']}_t1.nii.gz"))
+      np.testing.assert_array_equal(rec["affine"], ref.affine)
+      assert rec["original_shape"] == list(ref.shape)
+
+
+def test_prepare_rerun_is_noop_and_settings_change_the_folder(toy_root, tmp_path):
+  c = brats_cfg(toy_root, str(tmp_path))
+  d = prepare.prepare(c)
+  stamp = os.stat(os.path.join(d, "metadata.json")).st_mtime_ns
+  assert prepare.prepare(c) == d
+  assert os.stat(os.path.join(d, "metadata.json")).st_mtime_ns == stamp
+  d2 = prepare.prepare(brats_cfg(toy_root, str(tmp_path), dtype="float32"))
+  assert d2 != d
+  leftovers = [p for p in os.listdir(os.path.dirname(d)) if ".tmp-" in p or ".old-" in p]
+  assert leftovers == []
+
+
+def test_half_finished_folder_is_not_a_dataset(tmp_path):
+  (tmp_path / "train-00000.array_record").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="not a complete prepared dataset"):
+    dataset.load_metadata(str(tmp_path))
+
+
+def test_toy_layout_via_config_and_parallel_prepare(tmp_path):
+  c = config.default_data_config()
+  c.cache_dir, c.toy_subjects, c.toy_size, c.num_workers = str(tmp_path), 5, 16, 2
+  d = prepare.prepare(c)
+  meta = dataset.load_metadata(d)
+  assert sum(v["count"] for v in meta["splits"].values()) == 5
+  c1 = ml_collections.ConfigDict(c.to_dict())
+  c1.num_workers = 1  # worker count is not part of the result
+  assert prepare.prepare(c1) == d
+
+
+def test_dataset_json_dynamic_4d_file_equals_one_file_per_phase(tmp_path):
+  rng = np.random.default_rng(0)
+  aff = np.diag([1.0, 1.2, 1.5, 1.0])
+  names = ["a", "b"]
+  subjects = []
+  for n in names:
+    t1 = rng.uniform(0, 100, (8, 9, 10)).astype(np.float32)
+    dce = rng.uniform(0, 100, (8, 9, 10, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(t1, aff), str(tmp_path / f"{n}_t1.nii.gz"))
+    if n == "a":  # one 4D file
+      nib.save(nib.Nifti1Image(dce, aff), str(tmp_path / f"{n}_dce.nii.gz"))
+      files = {"t1": f"{n}_t1.nii.gz", "dce": f"{n}_dce.nii.gz"}
+    else:  # one 3D file per phase
+      for p in range(3):
+        nib.save(nib.Nifti1Image(dce[..., p], aff), str(tmp_path / f"{n}_dce_{p}.nii.gz"))
+      files = {"t1": f"{n}_t1.nii.gz", "dce": [f"{n}_dce_{p}.nii.gz" for p in range(3)]}
+    subjects.append(dict(name=n, files=files, dce=dce))
+  desc = dict(sequences=["t1", "dce"],
+              subjects=[dict(name=s["name"], files=s["files"]) for s in subjects],
+              splits=dict(train=names, test=names))
+  (tmp_path / "dataset.json").write_text(json.dumps(desc))
+  c = config.default_data_config()
+  c.layout, c.dataset_json, c.sequences, c.cache_dir = "dataset_json", str(tmp_path / "dataset.json"), ("t1", "dce"), str(tmp_path / "c")
+  c.num_workers = 1
+  d = prepare.prepare(c)
+  meta = dataset.load_metadata(d)
+  assert meta["phases"] == {"t1": 1, "dce": 3}
+  for rec, s in zip(dataset.read_subjects(d, "test"), subjects):
+    want, _, _ = normalization.official(s["dce"].T)  # [t, z, y, x]
+    np.testing.assert_array_equal(rec["volumes"]["dce"], want.astype(np.float16).astype(np.float32))
+    assert rec["volumes"]["dce"].shape == (3, 10, 9, 8)
+    np.testing.assert_allclose(rec["affine"], aff)
+
+
+def test_geometry_round_trip_back_to_nifti(toy_root, tmp_path):
+  d = prepare.prepare(brats_cfg(toy_root, str(tmp_path), dtype="float32", depth=12))
+  rec = dataset.read_subjects(d, "test")[0]
+  path = os.path.join(toy_root, rec["name"], f"{rec['name']}_t2.nii.gz")
+  orig = np.asanyarray(nib.load(path).dataobj).astype(np.float64)
+  back = normalization.denormalize(rec["volumes"]["t2"], rec["scale"]["t2"])
+  back = geometry.to_nifti_array(back, rec["original_shape"], rec["depth_start"], fill=np.nan)
+  assert back.shape == orig.shape
+  kept = ~np.isnan(back)
+  assert kept.sum() == orig.size * 12 // 20  # 12 central slices of 20 along z
+  inside = kept & (orig < rec["scale"]["t2"])  # voxels the clip leaves untouched
+  np.testing.assert_allclose(back[inside], orig[inside], rtol=1e-5, atol=1e-3)
+
+
+def test_toy_is_deterministic_and_t1ce_is_t1_plus_unique_lesions(tmp_path):
+  a = toy.make_toy_dataset(str(tmp_path / "a"), 3, seed=7, size=24, num_workers=1, progress=False)
+  b = toy.make_toy_dataset(str(tmp_path / "b"), 3, seed=7, size=24, num_workers=2, progress=False)
+  c = toy.make_toy_dataset(str(tmp_path / "c"), 3, seed=8, size=24, num_workers=1, progress=False)
+  load = lambda root, n, s: np.asanyarray(nib.load(os.path.join(root, n, f"{n}_{s}.nii.gz")).dataobj)
+  for n in ("Toy_00000", "Toy_00002"):
+    np.testing.assert_array_equal(load(a, n, "t2"), load(b, n, "t2"))
+    assert not np.array_equal(load(a, n, "t2"), load(c, n, "t2"))
+    t1, t1ce = load(a, n, "t1").astype(float), load(a, n, "t1ce").astype(float)
+    uniq, brain = load(a, n, "unique_t1ce").astype(bool), load(a, n, "brain").astype(bool)
+    assert uniq.sum() > 0 and not (uniq & ~brain).any()
+    level = t1[brain].mean()
+    rest = brain & ~uniq
+    assert (t1ce - t1)[uniq].mean() > 0.4 * level  # lesions only t1ce shows
+    assert abs((t1ce - t1)[rest].mean()) < 0.02 * level  # elsewhere the twin equals t1
+  with open(os.path.join(a, "train.csv")) as f:
+    assert all(0 < int(line.split(",")[1]) < 16 for line in f)
+
+
+def test_toy_dynamic_sequence_follows_uptake(tmp_path):
+  root = toy.make_toy_dataset(str(tmp_path / "d"), 2, seed=1, size=20, dynamic=True,
+                              num_workers=1, progress=False)
+  n = "Toy_00000"
+  dce = np.asanyarray(nib.load(os.path.join(root, n, f"{n}_dce.nii.gz")).dataobj).astype(float)
+  m = np.asanyarray(nib.load(os.path.join(root, n, f"{n}_unique_dce.nii.gz")).dataobj).astype(bool)
+  assert dce.shape == (20, 20, 20, 4) and m.any()
+  curve = dce[m].mean(axis=0)
+  assert np.all(np.diff(curve) > 0)  # wash-in: brighter with every phase
+  assert json.load(open(os.path.join(root, "toy.json")))["sequences"][-1] == "dce"
