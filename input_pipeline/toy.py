@@ -145,6 +145,10 @@ def phantom(n: int, rng, sequences: Sequence[str], lesions, phases: int = 0):
     # |signal + noise|: magnitude images have a non-negative, half-normal background.
     noisy = np.abs(img * (bias[..., None] if img.ndim == 4 else bias)
                    + sigma * rng.standard_normal(img.shape, np.float32))
+    # Skull-stripped like BraTS: exact zeros outside the head, which the official loader's
+    # background rule (crop mean == -1 after normalisation) relies on.
+    outside = head < 0.01
+    noisy[outside] = 0  # boolean index over the first three axes: every phase
     images[s] = noisy * np.float32(gains[s])
   return images, masks
 
