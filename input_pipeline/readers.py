@@ -36,6 +36,7 @@ class SubjectSpec:
   files: Dict[str, List[str]]
   available: List[int]
   source: str  # the split CSV or dataset.json naming the subject, for error messages
+  error: Optional[str] = None  # a problem found while listing, reported when it is loaded
 
 
 def parse_mask(mask: str, n: int, name: str, path: str) -> List[int]:
@@ -71,7 +72,10 @@ def brats_specs(root: str, csv_path: str, sequences: Sequence[str]) -> List[Subj
     files = {}
     for s in sequences:
       files[s] = [os.path.join(root, name, f"{name}_{s}.nii.gz")]
-    specs.append(SubjectSpec(name, files, bits, csv_path))
+    spec = SubjectSpec(name, files, bits, csv_path)
+    if not os.path.isdir(os.path.join(root, name)):
+      spec.error = f"named in the split CSV but folder {os.path.join(root, name)} does not exist"
+    specs.append(spec)
   return specs
 
 
@@ -97,17 +101,18 @@ def dataset_json_specs(json_path: str, sequences: Optional[Sequence[str]], split
     name = entry.get("name")
     if not name:
       raise ValueError(f"{json_path}: a subject entry has no 'name': {entry}")
-    files = {}
+    files, error = {}, None
     for key, val in (entry.get("files") or {}).items():
       if key not in seqs:
-        raise SubjectError(name, json_path, f"unknown sequence name {key!r} (known: {seqs})")
+        error = f"unknown sequence name {key!r} in 'files' (known: {seqs})"
+        continue
       paths = [val] if isinstance(val, str) else list(val)
       files[key] = [p if os.path.isabs(p) else os.path.join(base, p) for p in paths]
     avail = entry.get("available")
     avail = [int(s in files) for s in seqs] if avail is None else [int(a) for a in avail]
     if len(avail) != len(seqs):
       raise SubjectError(name, json_path, f"'available' has {len(avail)} entries, want {len(seqs)}")
-    by_name[name] = SubjectSpec(name, files, avail, json_path)
+    by_name[name] = SubjectSpec(name, files, avail, json_path, error)
   if "splits" in desc:
     names = [(n, None) for n in desc["splits"].get(split, [])]
     source = json_path
@@ -119,9 +124,11 @@ def dataset_json_specs(json_path: str, sequences: Optional[Sequence[str]], split
   specs = []
   for name, bits in names:
     if name not in by_name:
-      specs.append(SubjectSpec(name, {}, bits or [0] * len(seqs), source))  # reported on load
+      specs.append(SubjectSpec(name, {}, bits or [0] * len(seqs), source,
+                               f"named in the split but absent from {json_path}"))
       continue
-    spec = dataclasses.replace(by_name[name], source=source)
+    spec = dataclasses.replace(by_name[name], source=source if by_name[name].error is None
+                               else json_path)
     if bits is not None:  # the CSV may only narrow what the JSON says is there
       spec.available = [a & b for a, b in zip(spec.available, bits)]
     specs.append(spec)
@@ -151,8 +158,8 @@ def load_subject(spec: SubjectSpec, sequences: Sequence[str], want: Sequence[int
   sequence, first file per sequence). Raises SubjectError for missing/unreadable files and
   shape or affine mismatches between the subject's sequences.
   """
-  if not spec.files:
-    raise SubjectError(spec.name, spec.source, "subject named in the split is absent from the dataset")
+  if spec.error:
+    raise SubjectError(spec.name, spec.source, spec.error)
   if not any(spec.available):
     raise SubjectError(spec.name, spec.source, "no available sequence (mask is 0)")
   vols, ref, paths = {}, None, {}
