@@ -252,3 +252,38 @@ def _write_splits(cfg, st: Settings, specs, tmp: str) -> dict:
     warnings.warn(f"skipped {len(meta['skipped'])} subject(s): {listing}")
     logging.warning("skipped subjects: %s", listing)
   return meta
+
+
+def main(argv):
+  """CLI: `python -m input_pipeline.prepare --config=configs/x.py [--config.data.root=...]`."""
+  del argv
+  cfg = _CONFIG.value
+  data = cfg.data if cfg is not None and "data" in cfg else cfg
+  if data is None:
+    from input_pipeline import config as config_lib
+    data = config_lib.default_data_config()
+  data = ml_collections.ConfigDict(data.to_dict())
+  for name in ("layout", "root", "cache_dir", "train_csv", "valid_csv", "test_csv",
+               "dataset_json", "on_error", "dtype"):
+    val = getattr(flags.FLAGS, name)
+    if val:
+      data[name] = val
+  if flags.FLAGS.num_workers is not None:
+    data.num_workers = flags.FLAGS.num_workers
+  if flags.FLAGS.sequences:
+    data.sequences = tuple(flags.FLAGS.sequences)
+  print(prepare(data, flags.FLAGS.out_dir or None))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Python config file; its `data` block (or the whole config) is used.")
+  flags.DEFINE_string("out_dir", "", "Destination (default: <cache_dir>/prepared/<layout>-<hash>).")
+  for _name in ("layout", "root", "cache_dir", "train_csv", "valid_csv", "test_csv",
+                "dataset_json", "on_error", "dtype"):
+    flags.DEFINE_string(_name, "", f"Overrides data.{_name}.")
+  flags.DEFINE_integer("num_workers", None, "Overrides data.num_workers (0: one per core).")
+  flags.DEFINE_list("sequences", [], "Overrides data.sequences (comma separated, code order).")
+  app.run(main)

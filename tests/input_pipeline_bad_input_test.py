@@ -40,10 +40,10 @@ def save(root, n, s, vol, aff=AFF):
   nib.save(nib.Nifti1Image(vol, aff), path(root, n, s))
 
 
-def truncate(root, n, s):
+def truncate(root, n, s, keep=0.5):
   p = path(root, n, s)
   data = open(p, "rb").read()
-  open(p, "wb").write(data[: len(data) // 2])
+  open(p, "wb").write(data[: int(len(data) * keep)])
 
 
 def corrupt(root, n, s):
@@ -53,6 +53,7 @@ def corrupt(root, n, s):
 CASES = {
     "missing file": (lambda r: os.remove(path(r, "s1", "t2")), "s1_t2.nii.gz", "file not found"),
     "truncated gz": (lambda r: truncate(r, "s1", "flair"), "s1_flair.nii.gz", "unreadable"),
+    "truncated tail": (lambda r: truncate(r, "s2", "t1", 0.9), "s2_t1.nii.gz", "unreadable"),
     "garbage file": (lambda r: corrupt(r, "s1", "t1"), "s1_t1.nii.gz", "unreadable"),
     "shape mismatch": (lambda r: save(r, "s1", "t1ce", np.ones((8, 9, 11), np.int16)),
                        "s1_t1ce.nii.gz", "shape"),
@@ -81,7 +82,7 @@ def test_bad_subject_raises_naming_subject_and_file(tmp_path, case):
   before = open(os.path.join(good, "metadata.json")).read()
   damage, fname, reason = CASES[case]
   damage(root)
-  bad = "s1x" if case == "absent subject" else "s1"
+  bad = {"absent subject": "s1x", "truncated tail": "s2"}.get(case, "s1")
   with pytest.raises(prepare.PrepareError) as e:
     prepare.prepare(cfg(root, tmp_path / "c"), out_dir=str(tmp_path / "prepared"))
   msg = str(e.value)
