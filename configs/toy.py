@@ -1,0 +1,33 @@
+"""The embedded default: toy phantoms, a small 2.5D model, trains on a laptop CPU.
+
+    python main.py --config=configs/toy.py --workdir=/tmp/toy
+
+Creates the toy phantom dataset under `data.cache_dir` when absent, prepares it and trains.
+"""
+
+from configs.base import base_config
+
+
+def get_config():
+  c = base_config(
+      ndims=2, c_s=8, c_w=8, c_in=3, c_enc=[16, 32, 64], k_enc=[7, 3, 3], s_enc=[1, 2, 2],
+      nres_enc=2, norm="InstanceNorm", c_lstm=64, c_dec=[32, 16, 3], k_dec=[3, 3, 7],
+      s_dec=[1, 1, 1], nres_dec=2)
+  c.data.layout = "toy"
+  c.data.cache_dir = "~/.cache/seq2seq_jax/toy"
+  c.data.toy_subjects = 60
+  c.data.toy_size = 64
+  c.data.toy_seed = 0
+  t = c.train
+  t.epochs = 40
+  t.total_steps = 1200
+  t.rep_step = 8
+  t.crop_size = (1, 64, 64)
+  t.valid_size = (16, 64, 64)
+  t.lambda_per = 0.0     # no ImageNet VGG19 weights can be downloaded here
+  t.batch_size = 8
+  t.vis_steps = 200
+  t.ckpt_steps = 200
+  t.log_steps = 20
+  t.eval_steps = 200
+  return c

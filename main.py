@@ -1,0 +1,46 @@
+"""seq2seq_jax entry point.
+
+    python main.py --config=configs/toy.py --workdir=/tmp/toy            # train (default)
+    python main.py --config=configs/brats2d.py --workdir=DIR --config.train.lr=1e-4
+
+Multi-host (TPU pods, several GPU hosts): pass --multihost so that
+jax.distributed.initialize() runs first (coordinator from the environment or the flags).
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.multihost or FLAGS.coordinator_address:
+    # CPU-only runs (tests, debugging on one machine) need a collectives backend.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
+               jax.devices())
+  from seq2seq_jax import train  # after distributed init
+  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    print("done:", summary)
+
+
+if __name__ == "__main__":
+  app.run(main)

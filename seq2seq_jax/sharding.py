@@ -1,0 +1,85 @@
+"""Device mesh and shardings: batch split on `data`, first spatial axis split on `spatial`.
+
+Params and optimizer state are replicated; GSPMD inserts the collectives (gradient all-reduce
+over `data`, halo exchange and norm statistics over `spatial`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "spatial")
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], n_devices: int) -> tuple[int, int]:
+  """Resolves the config's axis sizes; one axis may be -1 (all remaining devices)."""
+  sizes = [int(mesh_cfg.get(a, 1)) for a in AXES]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(AXES, sizes))}")
+  fixed = int(np.prod([s for s in sizes if s != -1]))
+  if fixed <= 0 or (free and n_devices % fixed) or fixed > n_devices:
+    raise ValueError(f"config.mesh {dict(zip(AXES, sizes))} does not fit {n_devices} devices")
+  if free:
+    sizes[free[0]] = n_devices // fixed
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
+  """A (data, spatial) mesh; without a -1 axis it may use the first few devices only."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  n = int(np.prod(shape))
+  if n < len(devices) and jax.process_count() > 1:
+    raise ValueError(f"config.mesh {dict(zip(AXES, shape))} uses {n} of {len(devices)} devices; "
+                     "multi-process runs must use them all")
+  return Mesh(np.asarray(devices[:n]).reshape(shape), AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_spec(ndim: int, spatial_axis: int = 2) -> P:
+  """`[b, t, *spatial, c]` → batch on `data`, first spatial axis on `spatial`."""
+  spec = [None] * ndim
+  spec[0] = "data"
+  if ndim > spatial_axis + 1:
+    spec[spatial_axis] = "spatial"
+  return P(*spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  return NamedSharding(mesh, batch_spec(ndim))
+
+
+def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Assembles each process's part of the batch into global arrays sharded over the mesh.
+
+  Image arrays (ndim ≥ 4) are split on `data` and `spatial`; codes and indices on `data`.
+  """
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    spec = batch_spec(v.ndim) if v.ndim >= 4 else P("data", *([None] * (v.ndim - 1)))
+    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
+  return out
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
+  """This process's share of the global batch; checks it splits evenly."""
+  n_proc = jax.process_count()
+  data = mesh.shape["data"]
+  if global_batch_size % data or global_batch_size % n_proc:
+    raise ValueError(f"config.train.batch_size={global_batch_size} must be a multiple of the "
+                     f"mesh's data axis ({data}) and of the process count ({n_proc})")
+  return global_batch_size // n_proc
+
+
+def to_host(tree: Any) -> Any:
+  """Fully-replicated or addressable arrays → numpy (for logging and checkpoint checks)."""
+  return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), tree)

@@ -1,0 +1,118 @@
+"""Train state, optimizer and the jitted, sharded train step.
+
+The state is a plain dict pytree, `{'params', 'opt_state', 'step', 'rng', 'nonfinite'}`, so
+that orbax saves and restores it without registrations; `nonfinite` counts the non-finite
+steps in a row (their updates are never applied).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from seq2seq_jax import sharding
+from seq2seq_jax.losses import seq2seq_objective
+from seq2seq_jax.models import Generator
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise ValueError(f"config.train.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+  return DTYPES[name]
+
+
+def make_model(config: ml_collections.ConfigDict) -> Generator:
+  return Generator.from_config(config.model, dtype=compute_dtype(config.train.dtype),
+                               remat=bool(config.train.remat))
+
+
+def poly_epoch_schedule(lr: float, min_lr: float, epochs: int,
+                        steps_per_epoch: int) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """The official LR: constant within an epoch, min + (lr - min)·(1 - epoch/epochs)^0.9."""
+  def schedule(step):
+    epoch = jnp.minimum(step // steps_per_epoch, epochs - 1).astype(jnp.float32)
+    return min_lr + (lr - min_lr) * (1.0 - epoch / epochs) ** 0.9
+  return schedule
+
+
+def make_optimizer() -> optax.GradientTransformation:
+  """Adam (betas .9/.999, eps 1e-8, as torch's default) whose LR is set by the step."""
+  return optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
+
+
+def init_state(model: Generator, config: ml_collections.ConfigDict, sample_x: Any) -> dict:
+  """Fresh params with the official init, Adam state, step 0; deterministic in the seed."""
+  rng = jax.random.PRNGKey(int(config.train.seed))
+  init_rng, rng = jax.random.split(rng)
+  code = jnp.zeros((1, model.c_s), jnp.float32)
+  params = model.init(init_rng, sample_x, code)["params"]
+  return {"params": params, "opt_state": make_optimizer().init(params),
+          "step": jnp.zeros((), jnp.int32), "rng": rng, "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def abstract_state(model: Generator, config: ml_collections.ConfigDict, sample_x: Any) -> dict:
+  return jax.eval_shape(lambda x: init_state(model, config, x), sample_x)
+
+
+def state_shardings(mesh: Mesh, abstract: Any) -> Any:
+  rep = sharding.replicated(mesh)
+  return jax.tree_util.tree_map(lambda _: rep, abstract)
+
+
+def _all_finite(tree) -> jnp.ndarray:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+  return jnp.all(jnp.stack(leaves))
+
+
+def make_train_step(model: Generator, config: ml_collections.ConfigDict,
+                    schedule: Callable, mesh: Mesh, state_sharding: Any,
+                    batch_ndims: Mapping[str, int]):
+  """Returns `step(state, batch, vgg) -> (state, metrics)`, jitted with shardings.
+
+  `batch` holds `src`, `tgt` `[b, t, *spatial, c_in]` and `src_code`, `tgt_code` `[b, c_s]`
+  (a target per example). A step whose loss or gradient is not finite leaves params and
+  optimizer state untouched and increments `state['nonfinite']`.
+  """
+  tc = config.train
+  tx = make_optimizer()
+
+  def step(state, batch, vgg):
+    def loss_fn(params):
+      return seq2seq_objective(
+          model, {"params": params}, batch["src"], batch["tgt"], batch["src_code"],
+          batch["tgt_code"], lambda_rec=tc.lambda_rec, lambda_cyc=tc.lambda_cyc,
+          lambda_per=tc.lambda_per, vgg=vgg)
+
+    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    finite = jnp.isfinite(total) & _all_finite(grads)
+    lr = schedule(state["step"])
+    opt_state = state["opt_state"]
+    opt_state.hyperparams["learning_rate"] = lr
+    updates, new_opt = tx.update(grads, opt_state, state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    rng, _ = jax.random.split(state["rng"])
+    new_state = {
+        "params": jax.tree_util.tree_map(keep, new_params, state["params"]),
+        "opt_state": jax.tree_util.tree_map(keep, new_opt, opt_state),
+        "step": state["step"] + 1,
+        "rng": rng,
+        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
+    }
+    metrics = {"loss": total, "rec": terms["rec"], "cyc": terms["cyc"], "per": terms["per"],
+               "lr": lr, "finite": finite.astype(jnp.float32)}
+    return new_state, metrics
+
+  rep = sharding.replicated(mesh)
+  batch_sh = {k: NamedSharding(mesh, sharding.batch_spec(n) if n >= 4 else
+                               jax.sharding.PartitionSpec("data", *([None] * (n - 1))))
+              for k, n in batch_ndims.items()}
+  return jax.jit(step, in_shardings=(state_sharding, batch_sh, rep),
+                 out_shardings=(state_sharding, rep), donate_argnums=(0,))
