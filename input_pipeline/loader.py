@@ -69,8 +69,8 @@ class _TrainBatch:
     self.ndims, self.b, self.rep = ndims, batch_size, rep_step
     self.seed, self.pi, self.num_codes = seed, process_index, num_codes
     self.norm, self.pad_multiple = meta["normalization"], pad_multiple
-    # An uncast subject's storage scale (int16) is applied per crop.
-    self.scale = np.float32(meta.get("storage_scale", 1.0))
+    # Records stay in their storage dtype in the cache; int16's scale is applied per crop.
+    self.scale = float(meta.get("storage_scale", 1.0))
 
   def _rng(self, tag: int, n: int):
     return np.random.default_rng([self.seed, self.pi, tag, n])
@@ -96,16 +96,13 @@ class _TrainBatch:
       src, tgt = pair or self._pair(rng, s["avail_idx"])
       flip = bool(self._rng(_VISIT, v).integers(2))
       a, b = sampling.draw_example(rng, s["vols"], src, tgt, flip, self.ndims, self.window,
-                                   self.norm, self.pad_multiple)
+                                   self.norm, self.pad_multiple, self.scale)
       out["src"].append(a)
       out["tgt"].append(b)
       out["src_idx"].append(src)
       out["tgt_idx"].append(tgt)
     eye = np.eye(self.num_codes, dtype=np.float32)
     batch = {k_: np.stack(v_) for k_, v_ in out.items()}
-    if self.scale != 1:
-      batch["src"] *= self.scale
-      batch["tgt"] *= self.scale
     batch["src_idx"] = batch["src_idx"].astype(np.int32)
     batch["tgt_idx"] = batch["tgt_idx"].astype(np.int32)
     batch["src_code"] = eye[batch["src_idx"]]
@@ -138,15 +135,18 @@ def make_train_iterator(dataset_dir: str, *, ndims: int, c_in: int, crop_size: S
   spatial is (H, W) for ndims=2 (crop_size [1, H, W], c_in neighbouring slices as channels)
   and (D, H, W) for ndims=3 (c_in = 1), each padded with -1 up to a multiple of pad_multiple.
   When the dataset's sequences differ in phase count, one (src, tgt) pair is drawn per batch.
-  The iterator has get_state()/set_state() for checkpointing.
+  The iterator has get_state()/set_state() for checkpointing, and close() to stop its
+  prefetch threads.
   """
   pi, pc = _process_defaults(process_index, process_count)
   meta = dataset.load_metadata(dataset_dir)
   visits = train_visits(dataset_dir, seed, pi, pc, split)
+  # The cache only has to hold the visits of the batches being built at once (a BraTS subject
+  # is ~60 MB in float16), since consecutive batches share visits.
   make = _TrainBatch(visits, meta, ndims=ndims, c_in=c_in, crop_size=crop_size,
                      batch_size=batch_size, rep_step=rep_step, seed=seed, num_codes=num_codes,
                      process_index=pi, pad_multiple=pad_multiple,
-                     cache_size=max(4, 2 * (num_threads + prefetch) * (batch_size // rep_step + 2)))
+                     cache_size=max(4, (num_threads + 2) * (batch_size // rep_step + 2)))
   ds = grain.MapDataset.range(num_batches or 2 ** 62).map(make)
   opts = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(opts))

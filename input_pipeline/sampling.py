@@ -45,10 +45,14 @@ def random_corner(rng, shape: Sequence[int], window: Sequence[int]) -> Tuple[int
   return tuple(int(rng.integers(0, max(0, s - w) + 1)) for s, w in zip(shape, window))
 
 
-def read_window(vol: np.ndarray, corner, window, value: float) -> np.ndarray:
-  """vol[:, corner:corner+window] as float32, padded with `value` where the volume is smaller."""
+def read_window(vol: np.ndarray, corner, window, value: float,
+                scale: float = 1.0) -> np.ndarray:
+  """vol[:, corner:corner+window] as float32 times the storage scale (int16 storage), padded
+  with `value` where the volume is smaller."""
   sl = tuple(slice(c, c + w) for c, w in zip(corner, window))
   out = np.asarray(vol[(slice(None),) + sl], np.float32)
+  if scale != 1.0:
+    out *= np.float32(scale)
   short = [(0, w - s) for s, w in zip(out.shape[1:], window)]
   if any(p[1] for p in short):
     out = np.pad(out, [(0, 0)] + short, constant_values=value)
@@ -63,7 +67,7 @@ def to_model_layout(win: np.ndarray, ndims: int) -> np.ndarray:
 
 
 def draw_example(rng, vols: Dict[int, np.ndarray], src: int, tgt: int, flip: bool, ndims: int,
-                 window, normalization: str, pad_multiple: int):
+                 window, normalization: str, pad_multiple: int, scale: float = 1.0):
   """One (src, tgt) crop pair from a subject's volumes {seq index: [t, D, H, W]}."""
   value = background_value(normalization)
   vs, vt = vols[src], vols[tgt]
@@ -71,10 +75,10 @@ def draw_example(rng, vols: Dict[int, np.ndarray], src: int, tgt: int, flip: boo
     vs, vt = vs[..., ::-1], vt[..., ::-1]
   for _ in range(MAX_REDRAWS):
     corner = random_corner(rng, vs.shape[1:], window)
-    s = read_window(vs, corner, window, value)
+    s = read_window(vs, corner, window, value, scale)
     if not is_background(s, normalization):
       break
-  t = read_window(vt, corner, window, value)
+  t = read_window(vt, corner, window, value, scale)
   s, t = to_model_layout(s, ndims), to_model_layout(t, ndims)
   axes = list(range(1, 1 + ndims))
   s, _ = geometry.pad_to_multiple(s, axes, pad_multiple, value)

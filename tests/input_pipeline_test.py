@@ -202,3 +202,25 @@ def test_toy_dynamic_sequence_follows_uptake(tmp_path):
   curve = dce[m].mean(axis=0)
   assert np.all(np.diff(curve) > 0)  # wash-in: brighter with every phase
   assert json.load(open(os.path.join(root, "toy.json")))["sequences"][-1] == "dce"
+
+
+def test_command_lines(tmp_path):
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo)
+  run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=repo, env=env, check=True,
+                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
+  root = run("input_pipeline.toy", "--out", str(tmp_path / "t"), "--subjects", "4", "--seed",
+             "1", "--size", "12", "--num_workers", "1")
+  cfg_file = tmp_path / "cfg.py"
+  cfg_file.write_text(
+      "import ml_collections\nfrom input_pipeline import config\n"
+      "def get_config():\n  c = ml_collections.ConfigDict()\n"
+      "  c.data = config.default_data_config()\n  c.data.layout = 'brats'\n  return c\n")
+  out = run("input_pipeline.prepare", f"--config={cfg_file}", f"--config.data.root={root}",
+            f"--train_csv={root}/train.csv", f"--test_csv={root}/test.csv",
+            f"--cache_dir={tmp_path / 'c'}", "--num_workers=1", "--dtype=float32")
+  meta = dataset.load_metadata(out)
+  assert meta["dtype"] == "float32" and meta["layout"] == "brats"
+  assert meta["splits"]["train"]["count"] + meta["splits"]["test"]["count"] == 3
