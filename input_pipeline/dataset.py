@@ -1,11 +1,88 @@
-"""Reading a prepared dataset: metadata, per-split grain sources, decoded subject records."""
+"""The prepared dataset: subject record schema, metadata, per-split sources.
+
+A record is a msgpack map whose arrays are stored as `.npy` bytes (read back with
+`allow_pickle=False`), so a prepared dataset can never execute code when read. Schema:
+
+  name:            str, the subject id.
+  sequences:       list[str], every sequence name of the dataset in code order.
+  available:       list[int] (0/1 per sequence), what the split CSV says may be used as input.
+  present:         list[int] (0/1 per sequence), which volumes are stored in this record.
+  volumes:         {sequence: npy bytes}, normalised [t, D, H, W] (t = phases, 1 if static),
+                   stored as float16 (or int16 with `storage_scale`, or float32).
+  scale:           {sequence: float}, the normalisation parameters' scale (official: a =
+                   2 * p99), so `denormalize` maps predictions back to the input intensities.
+  offset:          {sequence: float}, the normalisation offset (0 for the official scheme).
+  affine:          npy bytes, the 4x4 affine of the NIfTI files (nibabel convention).
+  original_shape:  list[int], nibabel spatial shape (x, y, z) of the input files.
+  depth_start:     int, first kept slice of the array's depth axis (central crop offset).
+  storage_scale:   float, multiply stored values by this (1 except for int16 storage).
+  normalization:   str, the scheme (see normalization.py); version: int, RECORD_VERSION.
+"""
+import io
 import json
 import os
 from typing import Any, Dict, List
 
 import grain
+import msgpack
+import numpy as np
 
-from input_pipeline import records
+RECORD_VERSION = 1
+_INT16_SCALE = 1.0 / 32767.0
+
+
+def array_to_bytes(arr: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+  return buf.getvalue()
+
+
+def bytes_to_array(data: bytes) -> np.ndarray:
+  return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def store_volume(vol: np.ndarray, dtype: str) -> np.ndarray:
+  """Casts a normalised float32 volume to the storage dtype.
+
+  int16 storage maps [-1, 1] linearly onto [-32767, 32767]; it is exact to 1.5e-5, which is
+  finer than float16's 4.9e-4 spacing near 1, at the same size.
+  """
+  if dtype == "float32":
+    return vol.astype(np.float32)
+  if dtype == "float16":
+    return vol.astype(np.float16)
+  if dtype == "int16":
+    return np.round(np.clip(vol, -1.0, 1.0) / _INT16_SCALE).astype(np.int16)
+  raise ValueError(f"unknown storage dtype {dtype!r} (float16, int16 or float32)")
+
+
+def storage_scale(dtype: str) -> float:
+  return _INT16_SCALE if dtype == "int16" else 1.0
+
+
+def encode_record(rec: Dict[str, Any]) -> bytes:
+  """Encodes a subject record (see module docstring); arrays become .npy bytes."""
+  out = dict(rec)
+  out["volumes"] = {k: array_to_bytes(v) for k, v in rec["volumes"].items()}
+  out["affine"] = array_to_bytes(np.asarray(rec["affine"], np.float64))
+  out["version"] = RECORD_VERSION
+  return msgpack.packb(out, use_bin_type=True)
+
+
+def decode_record(data: bytes, as_float32: bool = True) -> Dict[str, Any]:
+  """Decodes a record; volumes come back as float32 [t, D, H, W] unless `as_float32` is False."""
+  rec = msgpack.unpackb(data, raw=False)
+  if rec.get("version") != RECORD_VERSION:
+    raise ValueError(f"record of subject {rec.get('name')!r} has version {rec.get('version')}, "
+                     f"this code reads version {RECORD_VERSION}; re-run input_pipeline.prepare")
+  vols = {k: bytes_to_array(v) for k, v in rec["volumes"].items()}
+  if as_float32:
+    s = rec["storage_scale"]
+    vols = {k: (v.astype(np.float32) * np.float32(s) if s != 1.0 else v.astype(np.float32))
+            for k, v in vols.items()}
+  rec["volumes"] = vols
+  rec["affine"] = bytes_to_array(rec["affine"])
+  return rec
 
 METADATA = "metadata.json"
 
@@ -19,9 +96,9 @@ def load_metadata(dataset_dir: str) -> Dict[str, Any]:
         "run `python -m input_pipeline.prepare` (half-finished runs live in *.tmp-* folders)")
   with open(path) as f:
     meta = json.load(f)
-  if meta.get("record_version") != records.RECORD_VERSION:
+  if meta.get("record_version") != RECORD_VERSION:
     raise ValueError(f"{dataset_dir} holds record version {meta.get('record_version')}, this "
-                     f"code reads {records.RECORD_VERSION}; prepare it again")
+                     f"code reads {RECORD_VERSION}; prepare it again")
   return meta
 
 
@@ -41,4 +118,4 @@ def split_source(dataset_dir: str, split: str, meta=None) -> grain.sources.Array
 def read_subjects(dataset_dir: str, split: str) -> List[Dict[str, Any]]:
   """Every decoded record of a split (volumes as float32); for evaluation and tests."""
   src = split_source(dataset_dir, split)
-  return [records.decode_record(src[i]) for i in range(len(src))]
+  return [decode_record(src[i]) for i in range(len(src))]

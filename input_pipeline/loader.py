@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import grain
 import numpy as np
 
-from input_pipeline import dataset, geometry, records, sampling
+from input_pipeline import dataset, geometry, sampling
 
 _EXAMPLE, _VISIT, _BATCH = 0, 1, 2  # stream tags, so the generators never coincide
 
@@ -43,7 +43,7 @@ class _SubjectCache:
       if v in self._data:
         self._data.move_to_end(v)
         return self._data[v]
-    rec = records.decode_record(self._visits[v], as_float32=False)
+    rec = dataset.decode_record(self._visits[v], as_float32=False)
     seqs = rec["sequences"]
     rec["vols"] = {seqs.index(s): vol for s, vol in rec["volumes"].items()}
     rec["avail_idx"] = [i for i, a in enumerate(rec["available"]) if a and i in rec["vols"]]
@@ -112,7 +112,7 @@ class _TrainBatch:
 
 def train_visits(dataset_dir: str, seed: int, process_index: int, process_count: int,
                  split: str = "train") -> grain.MapDataset:
-  """This process's endless, per-epoch reshuffled sequence of encoded subject records."""
+  """This process's endless, per-epoch reshuffled sequence of encoded subject dataset."""
   meta = dataset.load_metadata(dataset_dir)
   ds = grain.MapDataset.source(dataset.split_source(dataset_dir, split, meta))
   ds = ds[process_index::process_count]
@@ -169,7 +169,7 @@ def make_eval_views(dataset_dir: str, split: str, *, ndims: int, c_in: int,
   src = dataset.split_source(dataset_dir, split, meta)
   out = []
   for r in range(process_index, len(src), process_count):
-    rec = records.decode_record(src[r])
+    rec = dataset.decode_record(src[r])
     seqs = rec["sequences"]
     vols = {seqs.index(s): v for s, v in rec["volumes"].items()}
     shape = next(iter(vols.values())).shape[1:]

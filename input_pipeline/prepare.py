@@ -1,6 +1,6 @@
 """Preprocess a NIfTI dataset once into ArrayRecord shards: `python -m input_pipeline.prepare`.
 
-Output folder: `<split>-NNNNN.array_record` shards of subject records (schema in records.py)
+Output folder: `<split>-NNNNN.array_record` shards of subject records (schema in dataset.py)
 and `metadata.json`, written last. The folder is built under a temporary name beside the
 destination and renamed when complete, so a half-finished run is never read as a dataset
 (`dataset.load_metadata` also insists on `metadata.json`). The destination's default name holds
@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from input_pipeline import normalization, readers, records
+from input_pipeline import dataset, normalization, readers
 
 PREPARE_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -64,15 +64,15 @@ def process_subject(spec: readers.SubjectSpec, split: str, st: Settings):
         raise readers.SubjectError(spec.name, paths[s], str(e)) from e
       if st.depth:
         norm = norm[:, d0:d0 + st.depth]
-      out[s] = records.store_volume(norm, st.dtype)
+      out[s] = dataset.store_volume(norm, st.dtype)
     rec = dict(name=spec.name, sequences=list(st.sequences), available=list(want),
                present=[int(s in out) for s in st.sequences], volumes=out, scale=scale,
                offset=offset, affine=affine, original_shape=list(shape), depth_start=d0,
-               storage_scale=records.storage_scale(st.dtype), normalization=st.normalization)
+               storage_scale=dataset.storage_scale(st.dtype), normalization=st.normalization)
     info = dict(name=spec.name, shape=list(next(iter(out.values())).shape[1:]),
                 phases={s: int(v.shape[0]) for s, v in out.items()},
                 available=list(want), present=rec["present"])
-    return "ok", spec.name, records.encode_record(rec), info
+    return "ok", spec.name, dataset.encode_record(rec), info
   except readers.SubjectError as e:
     return "error", spec.name, str(e), None
   except Exception as e:  # anything else still names the subject
@@ -108,7 +108,7 @@ def input_hash(cfg, seqs, specs) -> str:
   """Hash of settings, split membership and every input file's path, size and mtime."""
   h = hashlib.sha256()
   keys = ("layout", "depth", "normalization", "dtype", "on_error", "records_per_shard")
-  h.update(json.dumps([PREPARE_VERSION, records.RECORD_VERSION, seqs,
+  h.update(json.dumps([PREPARE_VERSION, dataset.RECORD_VERSION, seqs,
                        {k: cfg.get(k) for k in keys}], sort_keys=True).encode())
   for split, sp in sorted(specs.items()):
     for s in sp:
@@ -167,16 +167,16 @@ def prepare(data_cfg, out_dir: Optional[str] = None) -> str:
     logging.info("prepared dataset %s is up to date", out_dir)
     return out_dir
   st = Settings(tuple(seqs), int(cfg.depth or 0), cfg.normalization, cfg.dtype)
-  records.store_volume(np.zeros(1, np.float32), st.dtype)  # fail fast on a bad dtype
+  dataset.store_volume(np.zeros(1, np.float32), st.dtype)  # fail fast on a bad dtype
   os.makedirs(os.path.dirname(out_dir), exist_ok=True)
   tmp = f"{out_dir}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   os.makedirs(tmp)
   try:
     meta = _write_splits(cfg, st, specs, tmp)
-    meta.update(version=PREPARE_VERSION, record_version=records.RECORD_VERSION,
+    meta.update(version=PREPARE_VERSION, record_version=dataset.RECORD_VERSION,
                 input_hash=digest, layout=cfg.layout, sequences=seqs, depth=st.depth,
                 normalization=st.normalization, dtype=st.dtype,
-                storage_scale=records.storage_scale(st.dtype), created=time.time())
+                storage_scale=dataset.storage_scale(st.dtype), created=time.time())
     with open(os.path.join(tmp, "metadata.json"), "w") as f:
       json.dump(meta, f, indent=1)
     _swap_into_place(tmp, out_dir, digest)

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from input_pipeline import config, dataset, geometry, loader, prepare, records
+from input_pipeline import config, dataset, geometry, loader, prepare
 
 NUM_CODES = 6
 
@@ -51,7 +51,7 @@ def same(a, b):
 
 def visit_names(d, seed, pi, pc, n):
   vis = loader.train_visits(d, seed, pi, pc)
-  return [records.decode_record(vis[i])["name"] for i in range(n)]
+  return [dataset.decode_record(vis[i])["name"] for i in range(n)]
 
 
 def test_processes_see_disjoint_shards_covering_the_split(ds_dir):
@@ -109,7 +109,7 @@ def test_batches_are_crops_of_the_subjects_available_sequences(ds_dir, ndims):
   flips_seen = set()
   for v in range(3):
     batch = next(it)  # batch v == visit v (batch_size == rep_step)
-    rec = records.decode_record(vis[v])
+    rec = dataset.decode_record(vis[v])
     seqs = rec["sequences"]
     avail = [i for i, a in enumerate(rec["available"]) if a]
     flips = set()

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from input_pipeline import (config, dataset, geometry, normalization, prepare, records,
+from input_pipeline import (config, dataset, geometry, normalization, prepare,
                             toy)
 
 SEQS = ["t1", "t1ce", "t2", "flair"]
@@ -61,19 +61,19 @@ def test_normalised_volumes_bit_equal_to_direct_numpy(toy_root, tmp_path):
 
 def test_int16_storage_round_trip():
   v = np.linspace(-1, 1, 1001, dtype=np.float32)
-  stored = records.store_volume(v, "int16")
-  back = stored.astype(np.float32) * np.float32(records.storage_scale("int16"))
+  stored = dataset.store_volume(v, "int16")
+  back = stored.astype(np.float32) * np.float32(dataset.storage_scale("int16"))
   assert stored.dtype == np.int16 and np.max(np.abs(back - v)) <= 1.6e-5
 
 
 def test_records_never_use_pickle():
   rec = dict(name="a", volumes={"t1": np.zeros((1, 2, 2, 2), np.float16)}, affine=np.eye(4),
              storage_scale=1.0)
-  data = records.encode_record(rec)
+  data = dataset.encode_record(rec)
   assert b"\x80\x04" not in data[:2]  # not a pickle stream
   obj = np.array([{"x": 1}], dtype=object)
   with pytest.raises(ValueError):  # object arrays cannot be saved without pickle
-    records.array_to_bytes(obj)
+    dataset.array_to_bytes(obj)
 
 
 def test_splits_availability_and_train_only_stores_available(toy_root, tmp_path):
