@@ -253,9 +253,17 @@ def main(argv=None):
   ap.add_argument("--phases", type=int, default=4)
   ap.add_argument("--missing_prob", type=float, default=0.25)
   ap.add_argument("--num_workers", type=int, default=0, help="0: one per CPU core")
+  ap.add_argument("--lesions", default="",
+                  help="JSON list (or a .json file) of lesion groups replacing the default, e.g. "
+                       '\'[{"name": "x", "contrast": {"t2": 0.5}, "count": [1, 2], '
+                       '"radius": [0.05, 0.1]}]\'')
   a = ap.parse_args(argv)
+  lesions = None
+  if a.lesions:
+    text = open(a.lesions).read() if a.lesions.endswith(".json") else a.lesions
+    lesions = json.loads(text)
   print(make_toy_dataset(a.out, a.subjects, a.seed, a.size, a.dynamic, a.phases,
-                         a.missing_prob, num_workers=a.num_workers))
+                         a.missing_prob, lesions=lesions, num_workers=a.num_workers))
 
 
 if __name__ == "__main__":

@@ -224,3 +224,18 @@ def test_command_lines(tmp_path):
   meta = dataset.load_metadata(out)
   assert meta["dtype"] == "float32" and meta["layout"] == "brats"
   assert meta["splits"]["train"]["count"] + meta["splits"]["test"]["count"] == 3
+
+
+def test_toy_lesion_groups_are_configurable():
+  groups = [dict(name="t2only", contrast={"t2": 0.5}, count=(2, 2), radius=(0.15, 0.2))]
+  images, masks = toy.phantom(24, np.random.default_rng(0), ["t1", "t2", "flair"], groups)
+  assert set(masks) == {"brain", "seg", "unique_t2"}
+  m = masks["unique_t2"].astype(bool)
+  base, _ = toy.phantom(24, np.random.default_rng(0), ["t1", "t2", "flair"],
+                        [dict(groups[0], contrast={"t2": 0.0})])
+  # same draws, lesion contrast 0 vs 0.5: only t2 changes, and only inside (and at the soft
+  # edge around) its lesions
+  for s in ("t1", "flair"):
+    np.testing.assert_array_equal(images[s], base[s])
+  diff = images["t2"] - base["t2"]
+  assert diff[m].mean() > 10 * max(np.abs(diff[~m]).mean(), 1e-9) and diff[m].min() >= 0
