@@ -19,10 +19,10 @@ def background_value(normalization: str) -> float:
 
 
 def is_background(crop: np.ndarray, normalization: str) -> bool:
-  """Official rule: the crop's mean is -1 (every voxel at the clip floor). Other schemes have
-  no fixed floor, so there a constant crop counts as background."""
+  """Official rule: |mean + 1| < 1e-8, i.e. every voxel at the clip floor -1. Other schemes
+  have no fixed floor, so there a constant crop counts as background."""
   if normalization == "official":
-    return float(crop.mean(dtype=np.float64)) == -1.0
+    return abs(float(crop.mean(dtype=np.float64)) + 1.0) < 1e-8
   return float(crop.max()) == float(crop.min())
 
 
@@ -42,7 +42,9 @@ def crop_shape(ndims: int, c_in: int, crop_size: Sequence[int]) -> Tuple[int, in
 
 
 def random_corner(rng, shape: Sequence[int], window: Sequence[int]) -> Tuple[int, ...]:
-  return tuple(int(rng.integers(0, max(0, s - w) + 1)) for s, w in zip(shape, window))
+  """Crop start per axis as the official `randint(0, s - w - 1) if s > w else 0`: the last
+  possible start is never drawn (kept for fidelity)."""
+  return tuple(int(rng.integers(0, s - w)) if s > w else 0 for s, w in zip(shape, window))
 
 
 def read_window(vol: np.ndarray, corner, window, value: float,

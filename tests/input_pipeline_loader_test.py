@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from input_pipeline import config, dataset, geometry, loader, prepare
+from input_pipeline import config, dataset, geometry, loader, prepare, sampling
 
 NUM_CODES = 6
 
@@ -184,7 +184,9 @@ def test_eval_views_are_centre_crops(ds_dir, ndims):
       if ndims == 2:
         assert arr.shape == (6, 1, 16, 16, 3)
         core = geometry.unpad(arr, (2, 3), v["view_pads"])
-        for j in range(d):  # stack j: slices z0+j-1 .. z0+j+1, middle channel = slice z0+j
+        # stack j: slices z0+j-1 .. z0+j+1, i.e. the official valid stack rd+j with
+        # rd = (D - c_in + 1 - d) // 2 = 6 here (D = 20)
+        for j in range(d):
           np.testing.assert_array_equal(np.moveaxis(core[j, 0], -1, 0),
                                         vol[0, z0 + j - 1:z0 + j + 2, y0:y0 + h, x0:x0 + w])
       else:
@@ -218,3 +220,11 @@ def test_int16_storage_gives_the_same_batches_within_quantisation(ds_dir):
       np.testing.assert_allclose(a["tgt"], b["tgt"], atol=2e-5, rtol=0)
       assert not np.any(b["src"].reshape(len(b["src"]), -1).mean(axis=1) == -1.0)
   assert meta["dtype"] == "float32"
+
+
+def test_crop_starts_follow_the_official_randint_range():
+  rng = np.random.default_rng(0)
+  starts = np.array([sampling.random_corner(rng, (10, 7, 5), (4, 7, 1)) for _ in range(2000)])
+  assert set(starts[:, 0]) == set(range(0, 10 - 4))  # randint(0, d - nd - 1), inclusive
+  assert set(starts[:, 1]) == {0}  # size == crop
+  assert set(starts[:, 2]) == set(range(0, 4))
