@@ -95,7 +95,7 @@ def collect_specs(cfg) -> Tuple[List[str], Dict[str, List[readers.SubjectSpec]]]
     elif cfg.layout == "dataset_json":
       seqs, sp = readers.dataset_json_specs(cfg.dataset_json, seqs or None, split,
                                             csvs[split] or None, cfg.get("root") or None)
-      if sp or not csvs[split]:
+      if sp:
         specs[split] = sp
     else:
       raise ValueError(f"unknown data.layout {cfg.layout!r} (brats, dataset_json, toy)")

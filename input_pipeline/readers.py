@@ -119,8 +119,8 @@ def dataset_json_specs(json_path: str, sequences: Optional[Sequence[str]], split
   elif csv_path:
     names = read_split_csv(csv_path, len(seqs))
     source = csv_path
-  else:
-    raise ValueError(f"{json_path} has no 'splits' and no {split} CSV is configured")
+  else:  # this split is simply not configured
+    return seqs, []
   specs = []
   for name, bits in names:
     if name not in by_name:

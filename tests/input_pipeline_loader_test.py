@@ -228,3 +228,11 @@ def test_crop_starts_follow_the_official_randint_range():
   assert set(starts[:, 0]) == set(range(0, 10 - 4))  # randint(0, d - nd - 1), inclusive
   assert set(starts[:, 1]) == {0}  # size == crop
   assert set(starts[:, 2]) == set(range(0, 4))
+
+
+def test_eval_views_of_a_dynamic_sequence_keep_its_phases(dyn_dir):
+  views = loader.make_eval_views(dyn_dir, "test", ndims=3, c_in=1, valid_size=[8, 8, 8])
+  meta = dataset.load_metadata(dyn_dir)
+  for v in views:
+    for i, arr in v["views"].items():
+      assert arr.shape == (1, meta["phases"][v["sequences"][i]], 8, 8, 8, 1)

@@ -239,3 +239,25 @@ def test_toy_lesion_groups_are_configurable():
     np.testing.assert_array_equal(images[s], base[s])
   diff = images["t2"] - base["t2"]
   assert diff[m].mean() > 10 * max(np.abs(diff[~m]).mean(), 1e-9) and diff[m].min() >= 0
+
+
+def test_dataset_json_with_split_csv_narrowing_availability(tmp_path):
+  rng = np.random.default_rng(1)
+  subjects = []
+  for n in ("a", "b"):
+    files = {}
+    for s in ("t1", "t2"):
+      nib.save(nib.Nifti1Image(rng.integers(1, 99, (6, 6, 6)).astype(np.int16), np.eye(4)),
+               str(tmp_path / f"{n}_{s}.nii.gz"))
+      files[s] = f"{n}_{s}.nii.gz"
+    subjects.append(dict(name=n, files=files))
+  (tmp_path / "dataset.json").write_text(json.dumps(dict(sequences=["t1", "t2"],
+                                                         subjects=subjects)))
+  (tmp_path / "train.csv").write_text("a,2\nb,3\n")  # a: t1 only (binary 10)
+  c = config.default_data_config()
+  c.layout, c.dataset_json, c.sequences = "dataset_json", str(tmp_path / "dataset.json"), ()
+  c.train_csv, c.cache_dir, c.num_workers = str(tmp_path / "train.csv"), str(tmp_path / "c"), 1
+  d = prepare.prepare(c)
+  a, b = dataset.read_subjects(d, "train")
+  assert (a["available"], sorted(a["volumes"])) == ([1, 0], ["t1"])
+  assert (b["available"], sorted(b["volumes"])) == ([1, 1], ["t1", "t2"])
