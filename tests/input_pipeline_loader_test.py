@@ -236,3 +236,10 @@ def test_eval_views_of_a_dynamic_sequence_keep_its_phases(dyn_dir):
   for v in views:
     for i, arr in v["views"].items():
       assert arr.shape == (1, meta["phases"][v["sequences"][i]], 8, 8, 8, 1)
+
+
+def test_process_defaults_come_from_jax(ds_dir):
+  a = next(it2d(ds_dir, process_index=None, process_count=None))
+  assert same(a, next(it2d(ds_dir)))  # one process here: index 0 of 1
+  with pytest.raises(ValueError, match="process_index 2 not in"):
+    it2d(ds_dir, process_index=2, process_count=2)
