@@ -6,11 +6,15 @@ Layout (`WORKDIR/checkpoints/`):
     <step>/data/    JSON: the grain iterator state of every loader shard (`shard_<i>` keys)
 
 Saves are asynchronous. The latest `keep` checkpoints are kept, plus the one with the best
-validation PSNR (`metrics={'eval_psnr': ...}` at save time). With plain orbax:
+validation PSNR (`metrics={'eval_psnr': ...}` at save time). With plain orbax, on any
+topology (the checkpoint may come from a pod):
 
-    mngr = ocp.CheckpointManager(WORKDIR + '/checkpoints')
-    params = mngr.restore(mngr.latest_step(),
-                          args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']['params']
+    path = f'{WORKDIR}/checkpoints/{step}/state'
+    with ocp.StandardCheckpointer() as c:
+      meta = c.metadata(path).item_metadata
+      dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+      params = c.restore(path, target)['params']
 """
 
 from __future__ import annotations
@@ -69,8 +73,8 @@ class Checkpointer:
                                            data=ocp.args.JsonRestore()))
     return out["state"], dict(out["data"] or {})
 
-  def restore_params(self, step: int | None = None) -> Any:
-    """Params only, as numpy on the host (evaluation, export); default: the best step."""
+  def restore_params(self, step: int | None = None) -> tuple[int, Any]:
+    """`(step, params)` as numpy on the host (evaluation, export); default: the best step."""
     if step is None:
       step = self.best_step() or self.latest_step()
     if step is None:
@@ -78,9 +82,7 @@ class Checkpointer:
     if step not in self.all_steps():
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                               f"available: {self.all_steps()}")
-    out = self.manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-    return out["state"]["params"]
+    return int(step), read_state(self.directory, int(step))["params"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -88,3 +90,15 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def read_state(checkpoints_dir: str, step: int) -> Any:
+  """The saved train state of `step` as numpy arrays, whatever topology saved it."""
+  path = os.path.join(os.path.abspath(checkpoints_dir), str(int(step)), "state")
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    meta = ckptr.metadata(path).item_metadata
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), meta)
+    state = ckptr.restore(path, target)
+  return jax.tree_util.tree_map(np.asarray, state)

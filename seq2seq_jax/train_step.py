@@ -91,12 +91,12 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
           lambda_per=tc.lambda_per, vgg=vgg)
 
     (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    finite = jnp.isfinite(total) & _all_finite(grads)
     lr = schedule(state["step"])
     opt_state = state["opt_state"]
     opt_state.hyperparams["learning_rate"] = lr
     updates, new_opt = tx.update(grads, opt_state, state["params"])
     new_params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(total) & _all_finite(grads) & _all_finite(new_params)
     keep = lambda new, old: jnp.where(finite, new, old)
     rng, _ = jax.random.split(state["rng"])
     new_state = {

@@ -5,6 +5,11 @@ import pathlib
 # Several CPU devices so that sharded code runs in tests; must precede the first jax import.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run, subprocesses included: the many short
+# training runs of the tests compile the same programs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/seq2seq_jax_test_jit_cache")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
