@@ -1,18 +1,18 @@
 """The prepared dataset: subject record schema, metadata, per-split sources.
 
-A record is a msgpack map whose arrays are stored as `.npy` bytes (read back with
-`allow_pickle=False`), so a prepared dataset can never execute code when read. Schema:
+A record is a msgpack map whose arrays are stored as {dtype, shape, data} maps (numeric dtypes
+only, raw bytes), so a prepared dataset can never execute code when read. Schema:
 
   name:            str, the subject id.
   sequences:       list[str], every sequence name of the dataset in code order.
   available:       list[int] (0/1 per sequence), what the split CSV says may be used as input.
   present:         list[int] (0/1 per sequence), which volumes are stored in this record.
-  volumes:         {sequence: npy bytes}, normalised [t, D, H, W] (t = phases, 1 if static),
+  volumes:         {sequence: array}, normalised [t, D, H, W] (t = phases, 1 if static),
                    stored as float16 (or int16 with `storage_scale`, or float32).
   scale:           {sequence: float}, the normalisation parameters' scale (official: a =
                    2 * p99), so `denormalize` maps predictions back to the input intensities.
   offset:          {sequence: float}, the normalisation offset (0 for the official scheme).
-  affine:          npy bytes, the 4x4 affine of the NIfTI files (nibabel convention).
+  affine:          array, the 4x4 float64 affine of the NIfTI files (nibabel convention).
   original_shape:  list[int], nibabel spatial shape (x, y, z) of the input files.
   depth_start:     int, first kept slice of the array's depth axis (central crop offset).
   storage_scale:   float, multiply stored values by this (1 except for int16 storage).
@@ -27,18 +27,32 @@ import grain
 import msgpack
 import numpy as np
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 _INT16_SCALE = 1.0 / 32767.0
 
 
-def array_to_bytes(arr: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-  return buf.getvalue()
+_ARRAY_KINDS = "biuf"  # numbers only: an object dtype could smuggle pickled data
 
 
-def bytes_to_array(data: bytes) -> np.ndarray:
-  return np.load(io.BytesIO(data), allow_pickle=False)
+def encode_array(arr: np.ndarray) -> Dict[str, Any]:
+  """-> {dtype, shape, data}: raw little-endian bytes, decoded without any parsing.
+
+  Not `.npy` bytes: np.load parses the header with ast.literal_eval, and CPython 3.11 corrupts
+  its AST state when two threads parse at once (loader prefetch threads), after which any
+  ast.parse in the process can raise "SystemError: AST constructor recursion depth mismatch".
+  """
+  arr = np.asarray(arr)
+  if arr.dtype.kind not in _ARRAY_KINDS:
+    raise ValueError(f"only numeric arrays can be stored, got dtype {arr.dtype}")
+  arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+  return {"dtype": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}
+
+
+def decode_array(enc: Dict[str, Any]) -> np.ndarray:
+  dtype = np.dtype(enc["dtype"])
+  if dtype.kind not in _ARRAY_KINDS:
+    raise ValueError(f"refusing to decode an array of dtype {dtype} (numbers only)")
+  return np.frombuffer(enc["data"], dtype=dtype).reshape(enc["shape"])
 
 
 def store_volume(vol: np.ndarray, dtype: str) -> np.ndarray:
@@ -61,10 +75,10 @@ def storage_scale(dtype: str) -> float:
 
 
 def encode_record(rec: Dict[str, Any]) -> bytes:
-  """Encodes a subject record (see module docstring); arrays become .npy bytes."""
+  """Encodes a subject record (see module docstring)."""
   out = dict(rec)
-  out["volumes"] = {k: array_to_bytes(v) for k, v in rec["volumes"].items()}
-  out["affine"] = array_to_bytes(np.asarray(rec["affine"], np.float64))
+  out["volumes"] = {k: encode_array(v) for k, v in rec["volumes"].items()}
+  out["affine"] = encode_array(np.asarray(rec["affine"], np.float64))
   out["version"] = RECORD_VERSION
   return msgpack.packb(out, use_bin_type=True)
 
@@ -75,13 +89,13 @@ def decode_record(data: bytes, as_float32: bool = True) -> Dict[str, Any]:
   if rec.get("version") != RECORD_VERSION:
     raise ValueError(f"record of subject {rec.get('name')!r} has version {rec.get('version')}, "
                      f"this code reads version {RECORD_VERSION}; re-run input_pipeline.prepare")
-  vols = {k: bytes_to_array(v) for k, v in rec["volumes"].items()}
+  vols = {k: decode_array(v) for k, v in rec["volumes"].items()}
   if as_float32:
     s = rec["storage_scale"]
     vols = {k: (v.astype(np.float32) * np.float32(s) if s != 1.0 else v.astype(np.float32))
             for k, v in vols.items()}
   rec["volumes"] = vols
-  rec["affine"] = bytes_to_array(rec["affine"])
+  rec["affine"] = decode_array(rec["affine"]).copy()
   return rec
 
 METADATA = "metadata.json"

@@ -66,14 +66,17 @@ def test_int16_storage_round_trip():
   assert stored.dtype == np.int16 and np.max(np.abs(back - v)) <= 1.6e-5
 
 
-def test_records_never_use_pickle():
-  rec = dict(name="a", volumes={"t1": np.zeros((1, 2, 2, 2), np.float16)}, affine=np.eye(4),
-             storage_scale=1.0)
-  data = dataset.encode_record(rec)
-  assert b"\x80\x04" not in data[:2]  # not a pickle stream
-  obj = np.array([{"x": 1}], dtype=object)
-  with pytest.raises(ValueError):  # object arrays cannot be saved without pickle
-    dataset.array_to_bytes(obj)
+def test_records_hold_only_numeric_arrays():
+  rec = dict(name="a", volumes={"t1": np.arange(8, dtype=np.float16).reshape(1, 2, 2, 2)},
+             affine=np.eye(4), storage_scale=1.0)
+  back = dataset.decode_record(dataset.encode_record(rec), as_float32=False)
+  np.testing.assert_array_equal(back["volumes"]["t1"], rec["volumes"]["t1"])
+  assert back["volumes"]["t1"].dtype == np.float16
+  np.testing.assert_array_equal(back["affine"], np.eye(4))
+  with pytest.raises(ValueError, match="numeric"):
+    dataset.encode_array(np.array([{"x": 1}], dtype=object))
+  with pytest.raises(ValueError, match="numbers only"):
+    dataset.decode_array({"dtype": "|O", "shape": [1], "data": b"\0" * 8})
 
 
 def test_splits_availability_and_train_only_stores_available(toy_root, tmp_path):
