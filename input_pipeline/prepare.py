@@ -187,6 +187,10 @@ def prepare(data_cfg, out_dir: Optional[str] = None) -> str:
 
 
 def _swap_into_place(tmp: str, out_dir: str, digest: str) -> None:
+  """Renames tmp to out_dir. Leaves an identical dataset finished meanwhile by a concurrent run
+  (e.g. another host) in place, since readers may already have it open."""
+  if _existing_hash(out_dir) == digest:
+    return
   old = None
   if os.path.exists(out_dir):
     old = f"{out_dir}.old-{uuid.uuid4().hex[:8]}"

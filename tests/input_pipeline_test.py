@@ -264,3 +264,14 @@ def test_dataset_json_with_split_csv_narrowing_availability(tmp_path):
   a, b = dataset.read_subjects(d, "train")
   assert (a["available"], sorted(a["volumes"])) == ([1, 0], ["t1"])
   assert (b["available"], sorted(b["volumes"])) == ([1, 1], ["t1", "t2"])
+
+
+def test_a_concurrent_identical_run_leaves_the_finished_dataset_in_place(toy_root, tmp_path):
+  c = brats_cfg(toy_root, str(tmp_path))
+  d = prepare.prepare(c)
+  inode = os.stat(d).st_ino
+  digest = dataset.load_metadata(d)["input_hash"]
+  tmp = tmp_path / "late.tmp"
+  tmp.mkdir()
+  prepare._swap_into_place(str(tmp), d, digest)  # a second host finishing after the first
+  assert os.stat(d).st_ino == inode and dataset.load_metadata(d)["input_hash"] == digest
