@@ -151,7 +151,7 @@ def _resolve_toy(cfg) -> ml_collections.ConfigDict:
 def prepare(data_cfg, out_dir: Optional[str] = None) -> str:
   """Prepares the dataset described by `data_cfg` (see config.py); returns its folder.
 
-  Bad subjects raise `readers.SubjectError` (naming subject and file), or with
+  Bad subjects raise `PrepareError` ("subject 'NAME', file PATH: reason"), or with
   data_cfg.on_error == 'skip' are left out with a warning listing them. Nothing is renamed into
   place before every split is complete.
   """
@@ -218,9 +218,9 @@ def _write_splits(cfg, st: Settings, specs, tmp: str) -> dict:
     results = ex.map(_process_star, jobs, chunksize=1)
   else:
     results = map(_process_star, jobs)
+  writer, split_of = None, None
   try:
     bar = tqdm(total=total, desc="prepare", unit="subject", disable=None)
-    writer, split_of = None, None
     for (spec, split, _), (status, name, payload, info) in zip(jobs, results):
       bar.update(1)
       entry = meta["splits"].setdefault(split, dict(count=0, shards=[], subjects=[]))
@@ -244,10 +244,10 @@ def _write_splits(cfg, st: Settings, specs, tmp: str) -> dict:
       writer.write(payload)
       entry["count"] += 1
       entry["subjects"].append(info)
-    if writer is not None:
-      writer.close()
     bar.close()
   finally:
+    if writer is not None:
+      writer.close()
     if ex is not None:
       ex.shutdown(cancel_futures=True)
   meta["phases"] = {s: phases.get(s, 1) for s in st.sequences}
