@@ -22,7 +22,8 @@ def _loader_rate(d, batches, **kw):
     b = next(it)
   dt = time.perf_counter() - t
   it.close()
-  return dict(batches_per_s=round(batches / dt, 1), examples_per_s=round(batches * kw["batch_size"] / dt, 1),
+  return dict(batches_per_s=round(batches / dt, 1),
+              examples_per_s=round(batches * kw["batch_size"] / dt, 1),
               src_shape=list(b["src"].shape))
 
 

@@ -227,8 +227,9 @@ def _write_splits(cfg, st: Settings, specs, tmp: str) -> dict:
       if status == "ok":
         for s, t in info["phases"].items():
           if phases.setdefault(s, t) != t:
-            status, payload = "error", (f"subject {name!r}, file {spec.files[s][0]}: sequence {s!r} "
-                                        f"has {t} phases, other subjects have {phases[s]}")
+            status = "error"
+            payload = (f"subject {name!r}, file {spec.files[s][0]}: sequence {s!r} has {t} "
+                       f"phases, other subjects have {phases[s]}")
       if status == "error":
         if cfg.get("on_error", "raise") == "raise":
           raise PrepareError(payload)

@@ -181,7 +181,8 @@ def load_subject(spec: SubjectSpec, sequences: Sequence[str], want: Sequence[int
       elif arr.shape[-3:] != ref[0]:
         raise SubjectError(spec.name, p, f"shape {shape[:3]} differs from {ref[2]} of {ref[3]}")
       elif not np.allclose(aff, ref[1], rtol=0, atol=1e-4):
-        raise SubjectError(spec.name, p, f"affine differs from that of {ref[3]}:\n{aff}\nvs\n{ref[1]}")
+        raise SubjectError(spec.name, p,
+                           f"affine differs from that of {ref[3]}:\n{aff}\nvs\n{ref[1]}")
       phases.append(arr if arr.ndim == 4 else arr[None])
     vols[s] = np.concatenate(phases, axis=0) if len(phases) > 1 else phases[0]
     paths[s] = files[0]

@@ -184,7 +184,9 @@ def make_toy_dataset(out_dir: str, subjects: int, seed: int, size: int = 64,
   toy.json) is replaced.
   """
   sequences = ["t1", "t1ce", "t2", "flair"] + (["dce"] if dynamic else [])
-  lesions = list(lesions if lesions is not None else DEFAULT_LESIONS + (DCE_LESIONS if dynamic else ()))
+  if lesions is None:
+    lesions = DEFAULT_LESIONS + (DCE_LESIONS if dynamic else ())
+  lesions = list(lesions)
   for grp in lesions:
     bad = [s for s in grp["contrast"] if s not in sequences]
     if bad:

@@ -128,7 +128,8 @@ def test_batches_are_crops_of_the_subjects_available_sequences(ds_dir, ndims):
       z, y, x, fl = hits[0]
       vt = rec["volumes"][seqs[t]][0]
       vt = vt[..., ::-1] if fl else vt
-      np.testing.assert_array_equal(tgt, vt[z:z + src.shape[0], y:y + src.shape[1], x:x + src.shape[2]])
+      d, h, w = src.shape
+      np.testing.assert_array_equal(tgt, vt[z:z + d, y:y + h, x:x + w])
       flips.add(fl)
     assert len(flips) == 1  # one flip per subject visit
     flips_seen |= flips

@@ -150,7 +150,8 @@ def test_dataset_json_dynamic_4d_file_equals_one_file_per_phase(tmp_path):
               splits=dict(train=names, test=names))
   (tmp_path / "dataset.json").write_text(json.dumps(desc))
   c = config.default_data_config()
-  c.layout, c.dataset_json, c.sequences, c.cache_dir = "dataset_json", str(tmp_path / "dataset.json"), ("t1", "dce"), str(tmp_path / "c")
+  c.layout, c.dataset_json = "dataset_json", str(tmp_path / "dataset.json")
+  c.sequences, c.cache_dir = ("t1", "dce"), str(tmp_path / "c")
   c.num_workers = 1
   d = prepare.prepare(c)
   meta = dataset.load_metadata(d)
@@ -180,7 +181,8 @@ def test_toy_is_deterministic_and_t1ce_is_t1_plus_unique_lesions(tmp_path):
   a = toy.make_toy_dataset(str(tmp_path / "a"), 3, seed=7, size=24, num_workers=1, progress=False)
   b = toy.make_toy_dataset(str(tmp_path / "b"), 3, seed=7, size=24, num_workers=2, progress=False)
   c = toy.make_toy_dataset(str(tmp_path / "c"), 3, seed=8, size=24, num_workers=1, progress=False)
-  load = lambda root, n, s: np.asanyarray(nib.load(os.path.join(root, n, f"{n}_{s}.nii.gz")).dataobj)
+  def load(root, n, s):
+    return np.asanyarray(nib.load(os.path.join(root, n, f"{n}_{s}.nii.gz")).dataobj)
   for n in ("Toy_00000", "Toy_00002"):
     np.testing.assert_array_equal(load(a, n, "t2"), load(b, n, "t2"))
     assert not np.array_equal(load(a, n, "t2"), load(c, n, "t2"))
