@@ -101,8 +101,13 @@ class _TrainBatch:
       out["tgt"].append(b)
       out["src_idx"].append(src)
       out["tgt_idx"].append(tgt)
+      out["available"].append(s["avail_idx"])
     eye = np.eye(self.num_codes, dtype=np.float32)
+    avail = np.zeros((len(ex), self.num_codes), np.float32)
+    for j, idx in enumerate(out.pop("available")):
+      avail[j, idx] = 1.0
     batch = {k_: np.stack(v_) for k_, v_ in out.items()}
+    batch["available"] = avail
     batch["src_idx"] = batch["src_idx"].astype(np.int32)
     batch["tgt_idx"] = batch["tgt_idx"].astype(np.int32)
     batch["src_code"] = eye[batch["src_idx"]]
@@ -131,7 +136,8 @@ def make_train_iterator(dataset_dir: str, *, ndims: int, c_in: int, crop_size: S
   """Endless (or `num_batches`) iterator of training batches for this process.
 
   Yields numpy dicts: src [b, t_src, *spatial, c_in], tgt [b, t_tgt, *spatial, c_in] float32
-  in [-1, 1]; src_code, tgt_code one-hot [b, num_codes] float32; src_idx, tgt_idx int32 [b].
+  in [-1, 1]; src_code, tgt_code one-hot [b, num_codes] float32; src_idx, tgt_idx int32 [b];
+  available [b, num_codes] float32, 1 for each sequence the example's subject has.
   spatial is (H, W) for ndims=2 (crop_size [1, H, W], c_in neighbouring slices as channels)
   and (D, H, W) for ndims=3 (c_in = 1), each padded with -1 up to a multiple of pad_multiple.
   When the dataset's sequences differ in phase count, one (src, tgt) pair is drawn per batch.

@@ -116,6 +116,7 @@ def test_batches_are_crops_of_the_subjects_available_sequences(ds_dir, ndims):
     for j in range(rep):
       s, t = batch["src_idx"][j], batch["tgt_idx"][j]
       assert s in avail and t in avail
+      np.testing.assert_array_equal(np.flatnonzero(batch["available"][j]), avail)
       np.testing.assert_array_equal(batch["src_code"][j], np.eye(NUM_CODES)[s])
       src = batch["src"][j, 0]
       tgt = batch["tgt"][j, 0]
