@@ -140,6 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     views = views[:int(tc.eval_subjects)]
   predictor = validation.Predictor(model, sharding.replicated(mesh))
   log = _Logger(workdir)
+  if views and latest is None:
+    base = validation.identity_baseline(views, ndims)
+    log.scalars(0, {"baseline_psnr_cross": base["psnr"], "baseline_ssim_cross": base["ssim"]})
 
   step = int(jax.device_get(state["step"]))
   summary: dict[str, Any] = {"step": step}
@@ -182,9 +185,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       metrics_at_step = None
       if views and (step % eval_every == 0 or is_last):
         last_eval = validation.validate(predictor, {"params": state["params"]}, views, c_s)
-        log.scalars(step, {"eval_psnr": last_eval["psnr"], "eval_ssim": last_eval["ssim"]})
+        log.scalars(step, {f"eval_{k}": v for k, v in last_eval.items() if k != "pairs"})
         metrics_at_step = {"eval_psnr": last_eval["psnr"]}
-        bar.write(f"step {step}: eval PSNR {last_eval['psnr']:.2f} SSIM {last_eval['ssim']:.4f}")
+        bar.write(f"step {step}: eval PSNR {last_eval['psnr']:.2f} SSIM {last_eval['ssim']:.4f} "
+                  f"(src != tgt: {last_eval['psnr_cross']:.2f} / {last_eval['ssim_cross']:.4f})")
       if int(tc.vis_steps) > 0 and views and (step % int(tc.vis_steps) == 0 or is_last):
         rows = validation.sample_rows(predictor, {"params": state["params"]}, views[0], c_s,
                                       meta["sequences"])
@@ -200,5 +204,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary.update(step=step, best_step=ckpt.best_step(), steps_per_epoch=steps_per_epoch,
                  total_steps=total_steps)
   if last_eval:
-    summary.update(eval_psnr=last_eval["psnr"], eval_ssim=last_eval["ssim"])
+    summary.update({f"eval_{k}": v for k, v in last_eval.items() if k != "pairs"})
   return summary
