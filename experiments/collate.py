@@ -27,11 +27,15 @@ import numpy as np
 from experiments import sweep_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("metric", "eval_psnr", "Column plotted and summarised over seeds.")
-flags.DEFINE_string("x", None, "Swept key on the plot's x axis (default: the first swept key "
-                    "other than the seed key).")
-flags.DEFINE_string("out", None, "CSV path (default ROOT/results.csv).")
-flags.DEFINE_string("seed_key", "train.seed", "Override key whose points are averaged over.")
+def _define_flags() -> None:
+  # Only when run as a program: these modules are imported together by tests, and absl
+  # flags are process-global.
+  flags.DEFINE_string("metric", "eval_psnr", "Column plotted and summarised over seeds.")
+  flags.DEFINE_string("x", None, "Swept key on the plot's x axis (default: the first swept key "
+                      "other than the seed key).")
+  flags.DEFINE_string("out", None, "CSV path (default ROOT/results.csv).")
+  flags.DEFINE_string("seed_key", "train.seed", "Override key whose points are averaged over.")
+
 
 EVAL_KEYS = ("eval_psnr", "eval_ssim", "eval_psnr_cross", "eval_ssim_cross")
 METRIC_COLUMNS = ("steps", "eval_step", *EVAL_KEYS, "best_eval_psnr", "best_eval_psnr_step",
@@ -218,4 +222,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

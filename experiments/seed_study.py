@@ -28,10 +28,14 @@ from experiments import collate
 from experiments import sweep_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Config file the sweep ran (default: from ROOT/sweep.json).")
-flags.DEFINE_list("variants", None, "Contribution variants in the Markdown table (default: all; "
-                  "e.g. robust_all_pairs,official_all_pairs).")
-flags.DEFINE_bool("evaluate", True, "Run the evaluation of points lacking contribution.csv.")
+def _define_flags() -> None:
+  # Only when run as a program: these modules are imported together by tests, and absl
+  # flags are process-global.
+  flags.DEFINE_string("config", None, "Config file the sweep ran (default: from ROOT/sweep.json).")
+  flags.DEFINE_list("variants", None, "Contribution variants in the Markdown table (default: all; "
+                    "e.g. robust_all_pairs,official_all_pairs).")
+  flags.DEFINE_bool("evaluate", True, "Run the evaluation of points lacking contribution.csv.")
+
 
 CONTRIBUTION = os.path.join("eval", "contribution.csv")
 
@@ -173,4 +177,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

@@ -32,16 +32,21 @@ from absl import flags
 from experiments import sweep_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Experiment config file (configs/*.py).")
-flags.DEFINE_string("sweep", None, "Sweep file with get_sweep().")
-flags.DEFINE_string("root", None, "Directory holding one workdir per point.")
-flags.DEFINE_integer("parallel", 1, "Points run at once, each on its share of the devices.")
-flags.DEFINE_bool("print_commands", False, "Print one `python main.py ...` line per point and "
-                  "run nothing.")
-flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every point (not in names).")
-flags.DEFINE_string("python", "python", "Interpreter named in --print_commands lines.")
+def _define_flags() -> None:
+  # Only when run as a program: these modules are imported together by tests, and absl
+  # flags are process-global.
+  flags.DEFINE_string("config", None, "Experiment config file (configs/*.py).")
+  flags.DEFINE_string("sweep", None, "Sweep file with get_sweep().")
+  flags.DEFINE_string("root", None, "Directory holding one workdir per point.")
+  flags.DEFINE_integer("parallel", 1, "Points run at once, each on its share of the devices.")
+  flags.DEFINE_bool("print_commands", False, "Print one `python main.py ...` line per point and "
+                    "run nothing.")
+  flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every point (not in names).")
+  flags.DEFINE_string("python", "python", "Interpreter named in --print_commands lines.")
 
-_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*")
+
+# A traceback's last line, or absl's one-line report of a bad flag.
+_ERROR_LINE = re.compile(r"^([\w.]*(Error|Exception|Exit|Interrupt)\b|FATAL\b).*")
 
 
 def _check_config(config_path: str, points: Sequence[sweep_lib.Point], sweep_path: str) -> None:
@@ -287,4 +292,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(lambda argv: sys.exit(main(argv)))
