@@ -1,0 +1,157 @@
+"""The paper's analyses: sequence contribution (C_t, C_d), imaging-differentiation maps (M_d),
+a scale-robust metric variant, and ROC AUC of a map against a ground-truth mask.
+
+Contribution (paper Table 3, official script): every metric is z-scored over all rows
+(eps 1e-9); A[i][j] = mean z(psnr) + mean z(ssim) - mean z(lpips) over the rows with source i
+and target j (0 where there is none); C_t(i) = mean_j A[i][j] (how well sequence i serves as a
+source), C_d(i) = -mean_j A[j][i] (how hard sequence i is to synthesise: the larger, the more
+content of its own). Means run over all N sequences, empty cells included.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+from skimage.metrics import structural_similarity
+
+EPS = 1e-9
+
+
+def zscore(v: Sequence[float]) -> np.ndarray:
+  """(v - mean) / (std + eps) over every row (population std, as numpy's default)."""
+  v = np.asarray(v, np.float64)
+  return (v - v.mean()) / (v.std() + EPS)
+
+
+def contribution(rows: Sequence[Mapping], sequences: Sequence[str],
+                 metrics: Sequence[str] = ("psnr", "ssim", "lpips")) -> dict:
+  """C_t and C_d per sequence from metric rows.
+
+  Args:
+    rows: dicts with `src`, `tgt` (sequence names) and the metric keys. A metric missing from
+      every row (e.g. lpips without weights) is left out; `lpips` (lower is better) enters
+      with a minus sign, every other metric with a plus.
+    sequences: the N sequences, in code order.
+    metrics: metric keys to combine.
+
+  Returns:
+    {'A': [N, N] array, 'C_t', 'C_d': [N] arrays, 'rank_t', 'rank_d': [N] int (1 = largest),
+     'metrics': the metrics used}.
+  """
+  n = len(sequences)
+  index = {s: i for i, s in enumerate(sequences)}
+  for r in rows:
+    for k in ("src", "tgt"):
+      if r[k] not in index:
+        raise ValueError(f"contribution: row {dict(r)} names {k}={r[k]!r}, not one of "
+                         f"{list(sequences)}")
+  used = [m for m in metrics
+          if rows and all(r.get(m) is not None and np.isfinite(float(r[m])) for r in rows)]
+  a = np.zeros((n, n))
+  if rows:
+    total = np.zeros(len(rows))
+    for m in used:
+      sign = -1.0 if m == "lpips" else 1.0
+      total += sign * zscore([float(r[m]) for r in rows])
+    src = np.array([index[r["src"]] for r in rows])
+    tgt = np.array([index[r["tgt"]] for r in rows])
+    for i in range(n):
+      for j in range(n):
+        sel = (src == i) & (tgt == j)
+        if sel.any():
+          a[i, j] = total[sel].mean()
+  c_t = a.mean(axis=1)
+  c_d = -a.mean(axis=0)
+  return {"A": a, "C_t": c_t, "C_d": c_d, "rank_t": ranks(c_t), "rank_d": ranks(c_d),
+          "metrics": used}
+
+
+def ranks(v: np.ndarray) -> np.ndarray:
+  """1 for the largest value, 2 for the next, ... (ties broken by order)."""
+  order = np.argsort(-np.asarray(v), kind="stable")
+  out = np.empty(len(order), int)
+  out[order] = np.arange(1, len(order) + 1)
+  return out
+
+
+def md_map(predictions: Sequence[np.ndarray], target: np.ndarray) -> np.ndarray:
+  """M_d for one target: the mean over sources of |G(x_i, code_j) - x_j|.
+
+  Args:
+    predictions: one array per source i (the target j itself included), each shaped as
+      `target`.
+    target: the ground-truth x_j.
+  """
+  if not len(predictions):
+    raise ValueError("md_map: no source predictions")
+  target = np.asarray(target, np.float32)
+  acc = np.zeros(target.shape, np.float64)
+  for p in predictions:
+    if p.shape != target.shape:
+      raise ValueError(f"md_map: prediction shape {p.shape} differs from target {target.shape}")
+    acc += np.abs(np.asarray(p, np.float64) - target)
+  return (acc / len(predictions)).astype(np.float32)
+
+
+def foreground(*volumes: np.ndarray, background: float = -1.0, tol: float = 1e-3) -> np.ndarray:
+  """Voxels above the background in any of the volumes (the official scheme maps air to -1)."""
+  mask = np.zeros(np.shape(volumes[0]), bool)
+  for v in volumes:
+    mask |= np.asarray(v) > background + tol
+  return mask
+
+
+def _zscore_in(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  x = np.asarray(x, np.float64)
+  vals = x[mask]
+  return (x - vals.mean()) / (vals.std() + EPS)
+
+
+def robust_metrics(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict:
+  """Scale-robust PSNR/SSIM: both images z-scored within `mask` (the brain), scored there.
+
+  The official PSNR depends on each volume's normalisation scale (2·p99), which differs
+  between sequences for reasons unrelated to content (e.g. bright lesions raise p99). Here
+  each image is standardised in the brain, so a constant gain or offset does not count.
+  `zpsnr` = 10·log10(range² / MSE) over the mask, with the range of the standardised target
+  there; `zssim` = the mean of scikit-image's SSIM map (same range) over the mask.
+  """
+  mask = np.asarray(mask, bool)
+  if mask.shape != np.shape(target) or not mask.any():
+    raise ValueError(f"robust_metrics: mask {mask.shape} (sum {int(mask.sum())}) does not fit "
+                     f"target {np.shape(target)}")
+  zp, zt = _zscore_in(pred, mask), _zscore_in(target, mask)
+  rng = float(zt[mask].max() - zt[mask].min()) or 1.0
+  mse = float(np.mean((zp[mask] - zt[mask]) ** 2))
+  zpsnr = float("inf") if mse == 0 else float(10 * np.log10(rng ** 2 / mse))
+  # Outside the mask both are set to 0 (the standardised mean) so that air does not matter.
+  zp[~mask] = 0.0
+  zt[~mask] = 0.0
+  win = min(7, min(zt.shape))
+  win -= 1 - win % 2
+  _, smap = structural_similarity(zt, zp, data_range=rng, win_size=win, full=True)
+  return {"zpsnr": zpsnr, "zssim": float(smap[mask].mean())}
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Area under the ROC curve of `scores` for binary `labels` (Mann-Whitney U, ties count ½)."""
+  scores = np.asarray(scores, np.float64).ravel()
+  labels = np.asarray(labels, bool).ravel()
+  n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+  if n_pos == 0 or n_neg == 0:
+    raise ValueError(f"roc_auc: need both classes, got {n_pos} positive and {n_neg} negative")
+  order = np.argsort(scores, kind="mergesort")
+  s = scores[order]
+  rank = np.empty(len(s))
+  # Average ranks over ties.
+  i = 0
+  ranks_sorted = np.arange(1, len(s) + 1, dtype=np.float64)
+  uniq, start, counts = np.unique(s, return_index=True, return_counts=True)
+  for st, c in zip(start, counts):
+    if c > 1:
+      ranks_sorted[st:st + c] = ranks_sorted[st:st + c].mean()
+  del i, uniq
+  rank[order] = ranks_sorted
+  u = rank[labels].sum() - n_pos * (n_pos + 1) / 2
+  return float(u / (n_pos * n_neg))
