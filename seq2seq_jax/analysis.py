@@ -142,16 +142,12 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
   if n_pos == 0 or n_neg == 0:
     raise ValueError(f"roc_auc: need both classes, got {n_pos} positive and {n_neg} negative")
   order = np.argsort(scores, kind="mergesort")
-  s = scores[order]
-  rank = np.empty(len(s))
-  # Average ranks over ties.
-  i = 0
-  ranks_sorted = np.arange(1, len(s) + 1, dtype=np.float64)
-  uniq, start, counts = np.unique(s, return_index=True, return_counts=True)
+  sorted_ranks = np.arange(1, len(scores) + 1, dtype=np.float64)
+  _, start, counts = np.unique(scores[order], return_index=True, return_counts=True)
   for st, c in zip(start, counts):
-    if c > 1:
-      ranks_sorted[st:st + c] = ranks_sorted[st:st + c].mean()
-  del i, uniq
-  rank[order] = ranks_sorted
+    if c > 1:  # tied scores share their average rank
+      sorted_ranks[st:st + c] = sorted_ranks[st:st + c].mean()
+  rank = np.empty(len(scores))
+  rank[order] = sorted_ranks
   u = rank[labels].sum() - n_pos * (n_pos + 1) / 2
   return float(u / (n_pos * n_neg))

@@ -316,8 +316,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint_step: i
   dataset_dir = data_lib.prepare_data(config)
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
+  patch = tuple(config.train.valid_size) if int(config.model.ndims) == 3 else None
   res = evaluate_dataset(model, variables, dataset_dir, out_dir, tuple(config.train.valid_size),
-                         split=split, save_predictions=save_predictions)
+                         split=split, save_predictions=save_predictions, patch=patch)
   res["step"] = step
   return res
 
