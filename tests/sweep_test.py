@@ -125,8 +125,10 @@ def swept(tmp_path_factory, cache_dir):
   proc.wait(timeout=60)
   log.close()
   assert killed, "never caught a point between its checkpoints:\n" + open(log.name).read()
-  before = {n: (_status(root, n), os.stat(os.path.join(root, n, "status.json")).st_mtime_ns)
-            for n in NAMES}
+  before = {}
+  for n in NAMES:
+    path = os.path.join(root, n, "status.json")
+    before[n] = (_status(root, n), os.stat(path).st_mtime_ns if os.path.exists(path) else None)
   second = subprocess.run(_sweep_cmd(root, cache_dir), cwd=REPO, capture_output=True, text=True,
                           timeout=600)
   return {"root": root, "killed": killed, "before": before, "second": second}
@@ -205,7 +207,7 @@ def test_printed_commands_reproduce_the_sweep(swept, cache_dir, tmp_path):
 def test_same_seed_bit_identical_params_other_seed_differs(cache_dir, tmp_path):
   runs = {}
   for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-    c = tiny_config(cache_dir, total_steps=4, seed=seed)
+    c = tiny_config(cache_dir, total_steps=4, seed=seed, eval_subjects=1)
     train.train_and_evaluate(c, str(tmp_path / name))
     runs[name] = final_params(tmp_path / name)
   assert runs["a"][0] == runs["b"][0] == 4
