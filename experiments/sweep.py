@@ -284,7 +284,12 @@ def main(argv):
       print(sweep_lib.shell_line(p["argv"]))
     return 0
   signal.signal(signal.SIGTERM, _on_sigterm)
-  results = run_points(prepared, FLAGS.parallel)
+  try:
+    results = run_points(prepared, FLAGS.parallel)
+  except KeyboardInterrupt as e:
+    print(f"[sweep] interrupted ({e or 'Ctrl-C'}): running points stopped, launch the same "
+          f"command again to resume", file=sys.stderr, flush=True)
+    return 130
   counts = {s: sum(v == s for v in results.values()) for s in sorted(set(results.values()))}
   print(f"[sweep] {len(results)} points: {counts}; collate with: python -m experiments.collate "
         f"{root}", flush=True)

@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import sys
-import time
 from typing import Any, Iterable, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,7 +214,3 @@ def read_metrics(workdir: str) -> dict[str, dict[int, float]]:
       for k, v in row.items():
         out.setdefault(k, {})[step] = v
   return out
-
-
-def now() -> float:
-  return time.time()
