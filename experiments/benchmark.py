@@ -1,0 +1,163 @@
+"""Times the jitted train step and whole-volume inference of any config; prints one JSON line.
+
+    python -m experiments.benchmark --config=configs/brats2d.py --steps=5
+    python -m experiments.benchmark --config=configs/toy.py --steps=20 --codes=per_example
+
+The step is the official step's work: G(src, cs), G(src, ct), G(G(src, ct), cs), the SmoothL1
+terms (the perceptual term only with --perceptual, on random VGG19 weights), backward, Adam;
+batch and crop as the config says, one process, random data. Compare with the official PyTorch
+step measured by `../shared/tools/reference_train_step.py` with the same model keys, batch and
+crop (see experiments/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from seq2seq_jax import sharding
+from seq2seq_jax import train_step as ts
+from seq2seq_jax import vgg as vgg_lib
+from seq2seq_jax.models import total_stride
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+flags.DEFINE_integer("steps", 5, "Timed steps (after compilation); the median is reported.")
+flags.DEFINE_bool("perceptual", False, "Include the perceptual term (random VGG19 weights).")
+flags.DEFINE_enum("codes", "shared", ["shared", "per_example"],
+                  "One target code for the batch (as the official step) or one per example.")
+flags.DEFINE_integer("t", 1, "Images per sequence (phases of a dynamic sequence).")
+flags.DEFINE_bool("conv_ref", True, "Also time one 256-channel 3x3 conv on 48^2 (GFLOP/s).")
+flags.DEFINE_integer("eval_volumes", 1, "Whole volumes to time inference on (0: skip).")
+flags.mark_flag_as_required("config")
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def _time(fn, steps: int) -> list[float]:
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def conv_reference() -> float:
+  """GFLOP/s of one 256→256-channel 3×3 conv on a 48² image (batch 1), the machine's conv
+  peak that the whole step is measured against."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 48, 48, 256)), jnp.float32)
+  k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 256, 256)), jnp.float32)
+  f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  flops = _flops(f.lower(x, k).compile())
+  jax.block_until_ready(f(x, k))
+  return flops / np.median(_time(lambda: f(x, k), 20)) / 1e9
+
+
+def batch_for(config, t: int, codes: str) -> dict:
+  tc, mc = config.train, config.model
+  stride = total_stride(mc)
+  crop = [int(c) for c in tc.crop_size]
+  spatial = crop[1:] if int(mc.ndims) == 2 else crop
+  spatial = [-(-s // stride) * stride for s in spatial]
+  b, c_s = int(tc.batch_size), int(mc.c_s)
+  rng = np.random.default_rng(0)
+  shape = (b, t, *spatial, int(mc.c_in))
+  src = rng.uniform(-1, 1, shape).astype(np.float32)
+  tgt = rng.uniform(-1, 1, shape).astype(np.float32)
+  eye = np.eye(c_s, dtype=np.float32)
+  idx = np.arange(b) if codes == "per_example" else np.zeros(b, int)
+  return {"src": src, "tgt": tgt, "src_code": eye[idx % c_s], "tgt_code": eye[(idx + 1) % c_s]}
+
+
+def eval_throughput(model, params, config, n_volumes: int) -> float:
+  """Volumes/s of inference on whole volumes of the config's validation size (one target).
+
+  2D/2.5D: every slice of a `valid_size` volume as a batch of slice stacks; 3D: the volume.
+  """
+  mc, tc = config.model, config.train
+  stride = total_stride(mc)
+  d, h, w = [-(-int(s) // stride) * stride for s in tc.valid_size]
+  if int(mc.ndims) == 2:
+    x = jnp.zeros((int(tc.valid_size[0]), 1, h, w, int(mc.c_in)), jnp.float32)
+  else:
+    x = jnp.zeros((1, 1, d, h, w, 1), jnp.float32)
+  code = jnp.eye(int(mc.c_s), dtype=jnp.float32)[:1]
+  f = jax.jit(lambda p, x: model.apply({"params": p}, x, code, n_outseq=1))
+  jax.block_until_ready(f(params, x))
+  times = _time(lambda: f(params, x), n_volumes)
+  return 1.0 / float(np.median(times))
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  if not FLAGS.perceptual:
+    config.train.lambda_per = 0.0
+  model = ts.make_model(config)
+  mesh = sharding.make_mesh({"data": 1, "spatial": 1})
+  batch = batch_for(config, FLAGS.t, FLAGS.codes)
+  vgg = None
+  if FLAGS.perceptual:
+    vgg = vgg_lib.vgg19_params_from_state_dict(vgg_lib.random_vgg19_state_dict(0))
+    config.train.lambda_per = config.train.lambda_per or 0.01
+  sample = jnp.zeros((1, 1) + batch["src"].shape[2:], jnp.float32)
+  abstract = ts.abstract_state(model, config, sample)
+  state_sh = ts.state_shardings(mesh, abstract)
+  state = jax.jit(lambda x: ts.init_state(model, config, x), out_shardings=state_sh)(sample)
+  schedule = ts.poly_epoch_schedule(float(config.train.lr), float(config.train.min_lr),
+                                    int(config.train.epochs), 1000)
+  ndims = {k: v.ndim for k, v in batch.items()}
+  step = ts.make_train_step(model, config, schedule, mesh, state_sh, ndims)
+  gbatch = sharding.global_batch(mesh, batch)
+
+  t0 = time.perf_counter()
+  compiled = step.lower(state, gbatch, vgg).compile()
+  compile_s = time.perf_counter() - t0
+  flops = _flops(compiled)
+  state, m = compiled(state, gbatch, vgg)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(FLAGS.steps):
+    t1 = time.perf_counter()
+    state, m = compiled(state, gbatch, vgg)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t1)
+  sec = float(np.median(times))
+  out = {
+      "config": FLAGS["config"].value if isinstance(FLAGS["config"].value, str) else
+      str(FLAGS["config"].config_filename),
+      "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+      "dtype": str(config.train.dtype), "remat": bool(config.train.remat),
+      "codes": FLAGS.codes, "batch": list(batch["src"].shape),
+      "sec_per_step": sec, "steps_per_s": 1.0 / sec,
+      "voxels_per_s": float(np.prod(batch["src"].shape)) / sec,
+      "gflop_per_step": flops / 1e9, "achieved_gflops": flops / 1e9 / sec,
+      "compile_s": compile_s,
+  }
+  if FLAGS.eval_volumes > 0:
+    out["eval_volumes_per_s"] = eval_throughput(model, state["params"], config,
+                                                FLAGS.eval_volumes)
+  if FLAGS.conv_ref:
+    out["conv_ref_gflops"] = conv_reference()
+    out["fraction_of_conv_ref"] = out["achieved_gflops"] / out["conv_ref_gflops"]
+  out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,126 @@
+"""Spatial sharding of 3D volumes: correctness against one device, and memory per device.
+
+    python -m experiments.spatial_scaling --config=configs/brats3d.py --devices=8 \
+        --size=32,64,64 --budget_gb=2
+
+Runs on `--devices` host CPU devices (set before JAX starts). For spatial shards n = 1, 2, 4,
+… ≤ devices, the train-step gradient (the official objective, perceptual off) is compiled with
+the volume's depth sharded over a `spatial` mesh axis (GSPMD: the input is sharded, XLA
+propagates the sharding through every layer and inserts the halo exchanges and the norm
+statistics' reductions). Prints one JSON line per n: per-device temp memory from XLA's
+`memory_analysis()`, the loss and output error against n = 1, and the largest cubic volume
+whose step fits `--budget_gb` per device (extrapolated linearly in voxels from `--size`, then
+checked by compiling it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _set_devices(argv):
+  for a in argv:
+    if a.startswith("--devices="):
+      n = int(a.split("=", 1)[1])
+      os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+      os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+_set_devices(sys.argv)
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from seq2seq_jax import sharding  # noqa: E402
+from seq2seq_jax import train_step as ts  # noqa: E402
+from seq2seq_jax.losses import seq2seq_objective  # noqa: E402
+from seq2seq_jax.models import total_stride  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config with a 3D model.", lock_config=True)
+flags.DEFINE_integer("devices", 8, "Host CPU devices to simulate.")
+flags.DEFINE_list("size", ["32", "32", "32"], "Measured volume D,H,W.")
+flags.DEFINE_float("budget_gb", 0.0, "Per-device memory budget for the largest-volume column.")
+flags.mark_flag_as_required("config")
+
+
+def step_fn(model, c_s):
+  cs = jnp.eye(c_s, dtype=jnp.float32)[:1]
+  ct = jnp.eye(c_s, dtype=jnp.float32)[1:2]
+
+  def f(params, x):
+    (loss, _), grads = jax.value_and_grad(
+        lambda p: seq2seq_objective(model, {"params": p}, x, x, cs, ct), has_aux=True)(params)
+    out = model.apply({"params": params}, x, ct, n_outseq=1)
+    return loss, grads, out
+  return jax.jit(f)
+
+
+def compiled_for(model, params, shape, n, c_s):
+  mesh = sharding.make_mesh({"data": 1, "spatial": n})
+  x = jax.ShapeDtypeStruct(shape, jnp.float32,
+                           sharding=NamedSharding(mesh, P(None, None, "spatial")))
+  p = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
+      params)
+  return step_fn(model, c_s).lower(p, x).compile(), mesh
+
+
+def per_device_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  if int(config.model.ndims) != 3:
+    raise ValueError("spatial sharding is for 3D models: config.model.ndims must be 3")
+  model = ts.make_model(config)
+  c_s = int(config.model.c_s)
+  stride = total_stride(config.model)
+  shape = (1, 1) + tuple(int(s) for s in FLAGS.size) + (int(config.model.c_in),)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, shape).astype(np.float32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1) + (stride,) * 3 + (1,)),
+                               jnp.eye(c_s)[:1])["params"]
+  ref = None
+  n = 1
+  while n <= jax.device_count() and shape[2] % (n * stride) == 0:
+    compiled, mesh = compiled_for(model, params, shape, n, c_s)
+    loss, grads, out = compiled(jax.device_put(params, NamedSharding(mesh, P())),
+                                jax.device_put(x, NamedSharding(mesh, P(None, None, "spatial"))))
+    out = np.asarray(out)
+    g = np.concatenate([np.asarray(a).ravel() for a in jax.tree_util.tree_leaves(grads)])
+    if ref is None:
+      ref = (float(loss), out, g)
+    row = {"spatial_shards": n, "volume": list(shape[2:5]),
+           "per_device_mb": per_device_bytes(compiled) / 2 ** 20,
+           "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20,
+           "loss_abs_err": abs(float(loss) - ref[0]),
+           "out_max_abs_err": float(np.max(np.abs(out - ref[1]))),
+           "grad_rel_l2_err": float(np.linalg.norm(g - ref[2]) / np.linalg.norm(ref[2]))}
+    if FLAGS.budget_gb > 0:
+      per_voxel = per_device_bytes(compiled) / np.prod(shape[2:5])
+      edge = int((FLAGS.budget_gb * 2 ** 30 / per_voxel) ** (1 / 3))
+      edge -= edge % (n * stride)
+      while edge > 0:
+        big, _ = compiled_for(model, params, (1, 1, edge, edge, edge, 1), n, c_s)
+        used = per_device_bytes(big)
+        if used <= FLAGS.budget_gb * 2 ** 30:
+          break
+        edge -= n * stride
+      row.update(max_cubic_edge=edge, max_edge_per_device_mb=used / 2 ** 20)
+    print(json.dumps(row), flush=True)
+    n *= 2
+
+
+if __name__ == "__main__":
+  app.run(main)
