@@ -41,7 +41,7 @@ def base_config(**model_kwargs) -> ml_collections.ConfigDict:
   t.max_nonfinite = 10       # stop after this many non-finite steps in a row
   t.vgg_weights = ""         # torchvision vgg19 state_dict (.pth or .npz) for lambda_per > 0
   t.log_steps = 50           # host-side metric pull + TensorBoard scalars every N steps
-  t.eval_steps = 0           # validate every N steps; 0: once per epoch (official)
+  t.eval_steps = 0           # validate every N steps; 0: once per epoch (official); -1: never
   t.eval_subjects = 0        # validate on the first N validation subjects; 0: all
   t.keep_ckpts = 3           # latest checkpoints kept (the best one by PSNR is kept too)
   t.data_shards = 0          # loader shards making up a global batch; 0: one per process.

@@ -140,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     views = views[:int(tc.eval_subjects)]
   predictor = validation.Predictor(model, sharding.replicated(mesh))
   log = _Logger(workdir)
-  if views and latest is None:
+  if views and eval_every > 0 and latest is None:
     base = validation.identity_baseline(views, ndims)
     log.scalars(0, {"baseline_psnr_cross": base["psnr"], "baseline_ssim_cross": base["ssim"]})
 
@@ -183,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         log.scalars(step, scalars)
         bar.set_postfix(loss=f"{scalars['train_loss']:.4f}", rec=f"{scalars['train_rec']:.4f}")
       metrics_at_step = None
-      if views and (step % eval_every == 0 or is_last):
+      if views and eval_every > 0 and (step % eval_every == 0 or is_last):
         last_eval = validation.validate(predictor, {"params": state["params"]}, views, c_s)
         log.scalars(step, {f"eval_{k}": v for k, v in last_eval.items() if k != "pairs"})
         metrics_at_step = {"eval_psnr": last_eval["psnr"]}
