@@ -5,7 +5,8 @@
 
 1. makes the toy phantoms (t1ce = t1 + enhancing lesions that no other sequence shows, at
    random places per subject) and prepares them (`config.data`);
-2. trains the config in `--workdir` (resumes; returns at once when already finished);
+2. trains the config in `--workdir` (resumes; returns at once when already finished; a
+   workdir that holds a run uses its own `config.json`, not `--config`);
 3. evaluates the test split (`main.py --mode=evaluate`: official metrics, C_t/C_d in every
    variant, M_d NIfTI per subject and target);
 4. scores M_d of t1ce against the ground-truth unique-lesion masks within the brain: ROC AUC
@@ -117,6 +118,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, skip_train: bool = Fals
   from seq2seq_jax import evaluate
   from seq2seq_jax import train
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  saved = os.path.join(workdir, "config.json")
+  if os.path.isfile(saved):
+    # A workdir holding a run is continued and evaluated with the config it was trained with,
+    # whatever configs/toy.py says now (the model and the phantoms must match).
+    with open(saved) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    print(f"using the run's own config {saved}")
   root = toy_root(config)  # 1. phantoms
   if not skip_train:
     train.train_and_evaluate(config, workdir)  # 2. (prepares the data too)

@@ -102,35 +102,42 @@ def foreground(*volumes: np.ndarray, background: float = -1.0, tol: float = 1e-3
   return mask
 
 
-def _zscore_in(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+ROBUST_RANGE = 8.0  # fixed data range for the standardised images (±4 robust SDs)
+
+
+def _standardize_in(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """(x - median) / (IQR / 1.349) over `mask`: a z-score that a few bright voxels (lesions)
+  do not move, so the scale reflects the tissue rather than what is unique in the image."""
   x = np.asarray(x, np.float64)
-  vals = x[mask]
-  return (x - vals.mean()) / (vals.std() + EPS)
+  q1, med, q3 = np.percentile(x[mask], [25, 50, 75])
+  return (x - med) / ((q3 - q1) / 1.349 + EPS)
 
 
 def robust_metrics(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> dict:
-  """Scale-robust PSNR/SSIM: both images z-scored within `mask` (the brain), scored there.
+  """Scale-robust PSNR/SSIM: both images robustly standardised within `mask` (the brain) and
+  scored there.
 
-  The official PSNR depends on each volume's normalisation scale (2·p99), which differs
-  between sequences for reasons unrelated to content (e.g. bright lesions raise p99). Here
-  each image is standardised in the brain, so a constant gain or offset does not count.
-  `zpsnr` = 10·log10(range² / MSE) over the mask, with the range of the standardised target
-  there; `zssim` = the mean of scikit-image's SSIM map (same range) over the mask.
+  The official PSNR depends on each volume's normalisation scale (2·p99 of the whole
+  volume), which differs between sequences for reasons unrelated to content. Here each image
+  is standardised in the brain with its median and interquartile range (robust to the few
+  voxels of a lesion, which a mean/std z-score or a max-min range would let rescale the whole
+  image), so a gain or offset costs nothing. Both metrics use the fixed data range
+  `ROBUST_RANGE`, the same for every sequence: `zpsnr` = 10·log10(range² / MSE) over the
+  mask, `zssim` = the mean of scikit-image's SSIM map over the mask.
   """
   mask = np.asarray(mask, bool)
   if mask.shape != np.shape(target) or not mask.any():
     raise ValueError(f"robust_metrics: mask {mask.shape} (sum {int(mask.sum())}) does not fit "
                      f"target {np.shape(target)}")
-  zp, zt = _zscore_in(pred, mask), _zscore_in(target, mask)
-  rng = float(zt[mask].max() - zt[mask].min()) or 1.0
+  zp, zt = _standardize_in(pred, mask), _standardize_in(target, mask)
   mse = float(np.mean((zp[mask] - zt[mask]) ** 2))
-  zpsnr = float("inf") if mse == 0 else float(10 * np.log10(rng ** 2 / mse))
-  # Outside the mask both are set to 0 (the standardised mean) so that air does not matter.
+  zpsnr = float("inf") if mse == 0 else float(10 * np.log10(ROBUST_RANGE ** 2 / mse))
+  # Outside the mask both are set to 0 (the standardised median) so that air does not matter.
   zp[~mask] = 0.0
   zt[~mask] = 0.0
   win = min(7, min(zt.shape))
   win -= 1 - win % 2
-  _, smap = structural_similarity(zt, zp, data_range=rng, win_size=win, full=True)
+  _, smap = structural_similarity(zt, zp, data_range=ROBUST_RANGE, win_size=win, full=True)
   return {"zpsnr": zpsnr, "zssim": float(smap[mask].mean())}
 
 

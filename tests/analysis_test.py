@@ -85,3 +85,23 @@ def test_robust_metrics_ignore_gain_and_offset():
   assert metrics.psnr(scaled, tgt) < 20  # the official PSNR penalises the scale
   noisy = analysis.robust_metrics(tgt + rng.normal(0, 0.3, tgt.shape), tgt, mask)
   assert noisy["zpsnr"] < 30 and noisy["zssim"] < 0.9
+
+
+def test_robust_metrics_scale_is_not_set_by_a_small_bright_lesion():
+  # A twin pair: `lesioned` = `plain` + a bright blob in 0.5% of the brain. Predicting the plain
+  # image for the lesioned target must score worse than the other way round would for a
+  # lesion-free pair; with a mean/std z-score or a max-min range the lesion would shrink the
+  # whole image's errors instead.
+  rng = np.random.default_rng(4)
+  plain = rng.normal(0, 1, (16, 32, 32))
+  mask = np.ones(plain.shape, bool)
+  lesioned = plain.copy()
+  lesioned.flat[rng.choice(plain.size, plain.size // 200, replace=False)] += 20.0
+  noisy = plain + rng.normal(0, 0.3, plain.shape)
+  to_lesioned = analysis.robust_metrics(noisy, lesioned, mask)["zpsnr"]
+  to_plain = analysis.robust_metrics(noisy, plain, mask)["zpsnr"]
+  assert to_lesioned < to_plain - 3  # the missed lesion costs, as its content says
+  # The tissue's standardisation barely moves (median/IQR), unlike mean/std.
+  z = analysis._standardize_in(lesioned, mask)[lesioned == plain]
+  np.testing.assert_allclose(z, analysis._standardize_in(plain, mask)[lesioned == plain],
+                             atol=0.05)
