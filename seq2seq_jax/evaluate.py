@@ -4,7 +4,9 @@
         [--checkpoint_step=N] [--save_predictions]
 
 For every test subject, each source sequence's whole volume is encoded once and decoded for
-every target (`inference.VolumeInference`). What is written under `DIR/eval/`:
+every target (`inference.VolumeInference`), batches split over all local devices (single
+process; a multi-process run evaluates on each process's first device, duplicated work).
+What is written under `DIR/eval/`:
 
 - `result_metrics.csv`: the official test rows, `name,src,tgt,psnr,ssim,lpips`, for every
   missing target (unavailable in the split CSV, but with a ground-truth file) × every available
@@ -236,8 +238,10 @@ def evaluate_dataset(model: Generator, variables: Mapping[str, Any], dataset_dir
                      out_dir: str, valid_size: Sequence[int], split: str = "test",
                      save_predictions: bool = False, lpips_fn: Callable | None = None,
                      batch_size: int = 16, patch: Sequence[int] | None = None,
-                     max_subjects: int = 0) -> dict:
+                     max_subjects: int = 0, mesh=None) -> dict:
   """Evaluates `variables` on a prepared split; writes everything under `out_dir`.
+
+  `mesh`: optional device mesh; slices/windows are split over its `data` axis.
 
   Returns a summary dict (row counts, mean official metrics, contribution table, seconds).
   """
@@ -253,7 +257,7 @@ def evaluate_dataset(model: Generator, variables: Mapping[str, Any], dataset_dir
   os.makedirs(md_dir, exist_ok=True)
   if save_predictions:
     os.makedirs(pred_dir, exist_ok=True)
-  inf = VolumeInference(model, variables, batch_size=batch_size, patch=patch)
+  inf = VolumeInference(model, variables, batch_size=batch_size, patch=patch, mesh=mesh)
   official, all_pairs, md_rows = [], [], []
   for r in tqdm(range(n), desc=f"evaluate {split}", unit="subject"):
     rec = dataset_lib.decode_record(src[r])
@@ -317,8 +321,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint_step: i
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   patch = tuple(config.train.valid_size) if int(config.model.ndims) == 3 else None
+  import jax
+  mesh = None
+  if jax.process_count() == 1:  # one process: split every batch over all local devices
+    from seq2seq_jax.sharding import make_mesh
+    mesh = make_mesh({"data": -1, "spatial": 1})
   res = evaluate_dataset(model, variables, dataset_dir, out_dir, tuple(config.train.valid_size),
-                         split=split, save_predictions=save_predictions, patch=patch)
+                         split=split, save_predictions=save_predictions, patch=patch, mesh=mesh)
   res["step"] = step
   return res
 

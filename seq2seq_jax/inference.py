@@ -92,8 +92,17 @@ class VolumeInference:
   """Predicts whole volumes with one model; jitted (`CodeSharedPredictor`), batched."""
 
   def __init__(self, model: Generator, variables: Mapping[str, Any], batch_size: int = 16,
-               patch: Sequence[int] | None = None, overlap: float = 0.5, sharding=None):
+               patch: Sequence[int] | None = None, overlap: float = 0.5, mesh=None):
+    """`mesh`: a (data, ...) device mesh; batches of slices/windows are split over its `data`
+    axis (single process) and the variables replicated. Without one, the default device."""
     self.model = model
+    self.n_data = 1
+    sharding = None
+    if mesh is not None:
+      from jax.sharding import NamedSharding, PartitionSpec
+      self.n_data = int(mesh.shape["data"])
+      sharding = NamedSharding(mesh, PartitionSpec("data"))
+      variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
     self.variables = variables
     self.predictor = CodeSharedPredictor(model, sharding)
     self.stride = int(np.prod(model.s_enc))  # the model's total stride
@@ -128,6 +137,10 @@ class VolumeInference:
       return self._slicewise(vol, targets)
     return self._windows(vol, targets)
 
+  def _round(self, bs: int) -> int:
+    """Up to a multiple of the data-parallel devices (padded batches are cheap)."""
+    return -(-bs // self.n_data) * self.n_data
+
   @staticmethod
   def _by_length(targets) -> dict[int, list[int]]:
     groups: dict[int, list[int]] = {}
@@ -140,7 +153,7 @@ class VolumeInference:
     stacks = geometry.stack_slices(vol, c_in)  # [D, t, H, W, c]
     stacks, pads = geometry.pad_to_multiple(stacks, (2, 3), self.stride)
     d = stacks.shape[0]
-    bs = min(self.batch_size, d)
+    bs = self._round(min(self.batch_size, d))
     out = {idx: np.empty((n, d) + vol.shape[2:], np.float32) for idx, n in targets}
     for b0 in range(0, d, bs):
       x = stacks[b0:b0 + bs]
@@ -166,7 +179,7 @@ class VolumeInference:
     norm = np.zeros(size, np.float64)
     boxes = list(itertools.product(*[window_starts(s, p, self.overlap)
                                      for s, p in zip(size, self.patch)]))
-    bs = max(1, self.batch_size // 8)
+    bs = self._round(max(1, self.batch_size // 8))
     for b0 in range(0, len(boxes), bs):
       group = boxes[b0:b0 + bs]
       crops = [x[:, z:z + self.patch[0], y:y + self.patch[1], w:w + self.patch[2]]
