@@ -80,7 +80,8 @@ def batch_for(config, t: int, codes: str) -> dict:
   src = rng.uniform(-1, 1, shape).astype(np.float32)
   tgt = rng.uniform(-1, 1, shape).astype(np.float32)
   eye = np.eye(c_s, dtype=np.float32)
-  idx = np.arange(b) if codes == "per_example" else np.zeros(b, int)
+  # shared: one [1, c_s] code for the batch (the official step); per_example: [b, c_s].
+  idx = np.arange(b) if codes == "per_example" else np.zeros(1, int)
   return {"src": src, "tgt": tgt, "src_code": eye[idx % c_s], "tgt_code": eye[(idx + 1) % c_s]}
 
 
