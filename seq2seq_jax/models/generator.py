@@ -81,7 +81,8 @@ class Generator(nn.Module):
     self._check_input(x)
     b, t = x.shape[:2]
     h = self.encoder(x.reshape((b * t,) + x.shape[2:]))
-    h = self.enc_convlstm(h.reshape((b, t) + h.shape[1:]))
+    # n_steps passed positionally (None): nn.remat's static_argnums needs it present.
+    h = self.enc_convlstm(h.reshape((b, t) + h.shape[1:]), None)
     return jnp.mean(h, axis=1)
 
   def decode(self, latent: jnp.ndarray, code: jnp.ndarray, n_outseq: int = 1) -> jnp.ndarray:
