@@ -150,13 +150,14 @@ def main(argv):
       "gflop_per_step": flops / 1e9, "achieved_gflops": flops / 1e9 / sec,
       "compile_s": compile_s,
   }
+  # Peak RSS of the training step alone (ru_maxrss is a lifetime peak: read it before eval).
+  out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if FLAGS.eval_volumes > 0:
     out["eval_volumes_per_s"] = eval_throughput(model, state["params"], config,
                                                 FLAGS.eval_volumes)
   if FLAGS.conv_ref:
     out["conv_ref_gflops"] = conv_reference()
     out["fraction_of_conv_ref"] = out["achieved_gflops"] / out["conv_ref_gflops"]
-  out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print(json.dumps(out))
 
 
