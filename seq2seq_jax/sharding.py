@@ -6,7 +6,7 @@ over `data`, halo exchange and norm statistics over `spatial`).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -45,10 +45,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_spec(ndim: int, spatial_axis: int = 2) -> P:
-  """`[b, t, *spatial, c]` → batch on `data`, first spatial axis on `spatial`."""
+  """Image arrays `[b, t, *spatial, c]` (ndim ≥ 4): batch on `data`, first spatial axis on
+  `spatial`. Smaller arrays (codes `[b, c_s]`, indices `[b]`): batch on `data` only."""
   spec = [None] * ndim
   spec[0] = "data"
-  if ndim > spatial_axis + 1:
+  if ndim >= 4:
     spec[spatial_axis] = "spatial"
   return P(*spec)
 
@@ -58,15 +59,12 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def global_batch(mesh: Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Assembles each process's part of the batch into global arrays sharded over the mesh.
-
-  Image arrays (ndim ≥ 4) are split on `data` and `spatial`; codes and indices on `data`.
-  """
+  """Assembles each process's part of the batch into global arrays sharded over the mesh
+  (`batch_spec` of each array)."""
   out = {}
   for k, v in local.items():
     v = np.asarray(v)
-    spec = batch_spec(v.ndim) if v.ndim >= 4 else P("data", *([None] * (v.ndim - 1)))
-    out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
+    out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
   return out
 
 
@@ -78,8 +76,3 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     raise ValueError(f"config.train.batch_size={global_batch_size} must be a multiple of the "
                      f"mesh's data axis ({data}) and of the process count ({n_proc})")
   return global_batch_size // n_proc
-
-
-def to_host(tree: Any) -> Any:
-  """Fully-replicated or addressable arrays → numpy (for logging and checkpoint checks)."""
-  return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), tree)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from seq2seq_jax import sharding
 from seq2seq_jax.losses import seq2seq_objective
@@ -111,8 +111,6 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
     return new_state, metrics
 
   rep = sharding.replicated(mesh)
-  batch_sh = {k: NamedSharding(mesh, sharding.batch_spec(n) if n >= 4 else
-                               jax.sharding.PartitionSpec("data", *([None] * (n - 1))))
-              for k, n in batch_ndims.items()}
+  batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in batch_ndims.items()}
   return jax.jit(step, in_shardings=(state_sharding, batch_sh, rep),
                  out_shardings=(state_sharding, rep), donate_argnums=(0,))
