@@ -47,6 +47,11 @@ def base_config(**model_kwargs) -> ml_collections.ConfigDict:
   t.data_shards = 0          # loader shards making up a global batch; 0: one per process.
                              # Fix it to reproduce a run exactly on another process count.
 
+  # `--mode=evaluate` options.
+  e = c.eval = ml_collections.ConfigDict()
+  e.lpips_weights = ""       # LPIPS-alex weights (.pth or .npz, see seq2seq_jax/lpips.py): fills
+                             # the `lpips` column; empty: the column stays empty
+
   # Device mesh: axis sizes, -1 = all remaining devices. `data` splits the batch, `spatial`
   # the first spatial axis (depth in 3D) for volumes too large for one device.
   c.mesh = ml_collections.ConfigDict()

@@ -11,11 +11,12 @@ What is written under `DIR/eval/`:
 - `result_metrics.csv`: the official test rows, `name,src,tgt,psnr,ssim,lpips`, for every
   missing target (unavailable in the split CSV, but with a ground-truth file) × every available
   source, scored on the official test crop (central min(128, D) slices × `valid_size` H, W):
-  PSNR and SSIM with data range 2 on the prediction's slice stack (`metrics.py`). LPIPS needs
-  AlexNet-LPIPS weights that cannot be downloaded here: the column is left empty unless an
-  `lpips_fn` is given. The crop is cut from the whole-volume prediction (the official script
-  feeds the crop itself: for in-plane crops smaller than the image the borders see more
-  context here).
+  PSNR and SSIM with data range 2 on the prediction's slice stack (`metrics.py`), LPIPS-alex
+  summed over the slices (`lpips.py`). LPIPS needs weights that cannot be downloaded here:
+  the column is left empty unless `config.eval.lpips_weights` names a weight file (or an
+  `lpips_fn` is given to `evaluate_dataset`). The crop is cut from the whole-volume prediction
+  (the official script feeds the crop itself: for in-plane crops smaller than the image the
+  borders see more context here).
 - `all_pairs_metrics.csv`: the same scores plus the scale-robust `zpsnr`/`zssim`
   (`analysis.robust_metrics`, in the brain) for every present target × every present source
   (src != tgt): on the toy split few targets are missing, and the ranking needs every cell.
@@ -294,6 +295,7 @@ def evaluate_dataset(model: Generator, variables: Mapping[str, Any], dataset_dir
   mean = lambda rows, k: float(np.mean([r[k] for r in rows])) if rows else float("nan")
   return {"subjects": n, "official_rows": len(official), "all_pair_rows": len(all_pairs),
           "psnr": mean(official, "psnr"), "ssim": mean(official, "ssim"),
+          "lpips": mean(official, "lpips") if lpips_fn else None,
           "psnr_all_pairs": mean(all_pairs, "psnr"), "ssim_all_pairs": mean(all_pairs, "ssim"),
           "contribution": table, "seconds": time.time() - t0, "out_dir": out_dir}
 
@@ -315,6 +317,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint_step: i
              save_predictions: bool = False, split: str = "test") -> dict:
   """The `--mode=evaluate` entry: restores a checkpoint, evaluates, writes `workdir/eval/`."""
   from seq2seq_jax import data as data_lib
+  from seq2seq_jax import lpips as lpips_lib
+  lpips_fn = lpips_lib.make_lpips_fn(config.eval.lpips_weights)  # a bad file fails here, early
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, variables, step = load_model(config, workdir, checkpoint_step)
   dataset_dir = data_lib.prepare_data(config)
@@ -327,7 +331,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint_step: i
     from seq2seq_jax.sharding import make_mesh
     mesh = make_mesh({"data": -1, "spatial": 1})
   res = evaluate_dataset(model, variables, dataset_dir, out_dir, tuple(config.train.valid_size),
-                         split=split, save_predictions=save_predictions, patch=patch, mesh=mesh)
+                         split=split, save_predictions=save_predictions, lpips_fn=lpips_fn,
+                         patch=patch, mesh=mesh)
   res["step"] = step
   return res
 

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from input_pipeline import dataset as dataset_lib
 from seq2seq_jax import analysis
 from seq2seq_jax import data as data_lib
 from seq2seq_jax import evaluate
+from seq2seq_jax import lpips
 from seq2seq_jax.checkpoint import Checkpointer
 from seq2seq_jax.inference import VolumeInference
 from seq2seq_jax.train_step import init_state, make_model
@@ -150,3 +152,37 @@ def test_evaluate_writes_official_rows_metrics_md_and_predictions(setup):
   for name in ("summary.csv", "all_pairs_metrics.csv", "md_summary.csv", "contribution.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+def test_evaluate_fills_lpips_with_weights(setup, tmp_path):
+  # AlexNet needs >= 31 pixels a side: the same checkpoint (the model is fully convolutional)
+  # on 32^3 phantoms, and random LPIPS weights in the user-facing one-file layout.
+  c = tiny_config(setup["config"].data.cache_dir)
+  c.data.toy_size = 32
+  c.train.valid_size = (8, 32, 32)
+  weights = tmp_path / "lpips_alex.npz"
+  np.savez(weights, **lpips.random_state_dict(seed=0))
+  c.eval.lpips_weights = str(weights)
+  workdir = tmp_path / "work"
+  shutil.copytree(setup["workdir"], workdir, ignore=shutil.ignore_patterns("eval"))
+  res = evaluate.evaluate(c, str(workdir))
+  rows = list(csv.DictReader(open(workdir / "eval" / "result_metrics.csv")))
+  assert rows and all(float(r["lpips"]) > 0 for r in rows)
+  assert res["lpips"] == pytest.approx(np.mean([float(r["lpips"]) for r in rows]), rel=1e-6)
+  official = [r for r in csv.DictReader(open(workdir / "eval" / "contribution.csv"))
+              if r["variant"] == "official"]
+  assert official[0]["metrics"] == "psnr+ssim+lpips"
+
+  # One row recomputed: the slice-wise prediction (tested above) on the test crop, summed.
+  row = rows[0]
+  dataset_dir = data_lib.prepare_data(c)
+  recs = map(dataset_lib.decode_record, dataset_lib.split_source(dataset_dir, "test"))
+  rec = next(r for r in recs if r["name"] == row["name"])
+  seqs = rec["sequences"]
+  vol = rec["volumes"][row["src"]]
+  pred = VolumeInference(setup["model"], setup["variables"]).predict(
+      vol, [(seqs.index(row["tgt"]), 1)])[seqs.index(row["tgt"])]
+  box = (slice(None),) + evaluate.test_box(vol.shape[1:], c.train.valid_size)
+  fn = lpips.SliceLpips(lpips.load_lpips_params(weights))
+  want = sum(fn(p, t) for p, t in zip(pred[box], rec["volumes"][row["tgt"]][box]))
+  assert float(row["lpips"]) == pytest.approx(want, rel=1e-4)
