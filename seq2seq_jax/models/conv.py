@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -24,13 +26,87 @@ def dimension_numbers(ndims: int) -> tuple[str, str, str]:
   return ("NDHWC", "DHWIO", "NDHWC")
 
 
-def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
-            padding: str | Sequence[tuple[int, int]] = "VALID") -> jnp.ndarray:
-  """Channels-last convolution; `kernel` is `[*k, in, out]`."""
+def _xla_conv(x, kernel, stride, pads):
   ndims = x.ndim - 2
   return lax.conv_general_dilated(
-      x, kernel, window_strides=(stride,) * ndims, padding=padding,
+      x, kernel, window_strides=(stride,) * ndims, padding=pads,
       dimension_numbers=dimension_numbers(ndims))
+
+
+def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
+            padding: str | Sequence[tuple[int, int]] = "VALID") -> jnp.ndarray:
+  """Channels-last convolution; `kernel` is `[*k, in, out]`; zero `padding` per side.
+
+  The forward pass and the input gradient are XLA's own convolutions; the kernel gradient is
+  computed by `kernel_grad` (GEMMs), which on XLA CPU is 2-3x faster for wide layers and up to
+  100x faster for the narrow output layer than the convolution XLA derives for it.
+  """
+  ndims = x.ndim - 2
+  if isinstance(padding, str):
+    if padding != "VALID":
+      raise ValueError(f"conv_nd takes 'VALID' or explicit (lo, hi) pads, not {padding!r}")
+    padding = ((0, 0),) * ndims
+  return _conv(x, kernel, stride, tuple((int(lo), int(hi)) for lo, hi in padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, stride, pads):
+  return _xla_conv(x, kernel, stride, pads)
+
+
+def _conv_fwd(x, kernel, stride, pads):
+  return _xla_conv(x, kernel, stride, pads), (x, kernel)
+
+
+def _conv_bwd(stride, pads, res, dy):
+  x, kernel = res
+  # The forward conv traced here is dead code after the transpose; XLA removes it.
+  dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, pads), x)[1](dy)[0]
+  return dx, kernel_grad(x, dy, kernel, stride, pads)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _dot_t(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """a^T @ b over a's and b's leading (row) axis, accumulated in float32."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: int,
+                pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
+  """d loss / d kernel of `_xla_conv(x, kernel, stride, pads)` given the output cotangent.
+
+  dW[o] = sum_p x_pad[s·p + o] ⊗ dy[p] for each kernel offset o. Three forms, chosen by shape:
+  narrow outputs (e.g. the 3-channel output conv): shift dy instead of x, so the k^d offsets
+  become GEMM columns (one [cin, k^d·cout] GEMM); wide layers: one [cin, cout] GEMM per offset
+  over a strided view of x; anything else (few input channels, 3D stems): XLA's own.
+  """
+  ndims = x.ndim - 2
+  k = kernel.shape[0]
+  cin, cout = kernel.shape[-2:]
+  if any(lo or hi for lo, hi in pads):
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
+  out = dy.shape[1:-1]
+  offsets = list(itertools.product(range(k), repeat=ndims))
+  if stride == 1 and cout * len(offsets) <= 1024 and cout < cin:
+    # dy placed at every offset o inside x_pad's frame: column block o of D is dy shifted by o.
+    cols = [jnp.pad(dy, ((0, 0),) + tuple((o, k - 1 - o) for o in offs) + ((0, 0),))
+            for offs in offsets]
+    d = jnp.concatenate(cols, axis=-1).reshape(-1, len(offsets) * cout)
+    g = _dot_t(x.reshape(-1, cin), d).reshape(cin, len(offsets), cout)
+    return jnp.moveaxis(g, 0, 1).reshape(kernel.shape).astype(kernel.dtype)
+  if cin >= 32 and cout >= 32:
+    dy2 = dy.reshape(-1, cout)
+    grads = []
+    for offs in offsets:
+      start = (0,) + offs + (0,)
+      limit = (x.shape[0],) + tuple(o + (n - 1) * stride + 1 for o, n in zip(offs, out)) + (cin,)
+      view = lax.slice(x, start, limit, (1,) + (stride,) * ndims + (1,))
+      grads.append(_dot_t(view.reshape(-1, cin), dy2))
+    return jnp.stack(grads).reshape(kernel.shape).astype(kernel.dtype)
+  valid = ((0, 0),) * ndims
+  return jax.vjp(lambda w: _xla_conv(x, w, stride, valid), kernel)[1](dy)[0]
 
 
 def conv_kernel_init(ndims: int):
