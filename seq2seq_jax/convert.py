@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from seq2seq_jax.models import (Generator, model_config_from_yaml, model_config_to_yaml)
+from seq2seq_jax.models.config import norm_of
 
 # Each entry: torch key → (flax path, torch→flax array transform, flax→torch transform).
 _Entry = tuple[str, tuple[str, ...], Callable[[np.ndarray], np.ndarray],
@@ -72,7 +73,7 @@ def key_map(cfg: Mapping[str, Any]) -> list[_Entry]:
     add_conv(f"encoder.conv.{i}.0", ("encoder", f"conv_{i}"))
   # The official block is a Sequential: [pad, conv, norm, act, pad, conv, norm]; without a
   # norm layer the second conv moves from index 5 to 4.
-  second = 5 if cfg["norm"] is not None else 4
+  second = 5 if norm_of(cfg) is not None else 4
   for i in range(int(cfg["nres_enc"])):
     add_conv(f"encoder.res.{i}.conv_block.1", ("encoder", f"res_{i}", "conv1"))
     add_conv(f"encoder.res.{i}.conv_block.{second}", ("encoder", f"res_{i}", "conv2"))

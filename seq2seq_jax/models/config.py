@@ -37,7 +37,9 @@ def make_model_config(**kwargs: Any) -> ml_collections.ConfigDict:
   missing = [k for k in MODEL_KEYS if k not in kwargs]
   if missing:
     raise KeyError(f"model config is missing key {missing[0]!r}")
-  values = {k: (list(kwargs[k]) if k in _LIST_KEYS else kwargs[k]) for k in MODEL_KEYS}
+  # Tuples, not lists: ml_collections can override tuples from the command line
+  # (`--config.model.c_enc="(32, 64, 128)"`) but not lists.
+  values = {k: (tuple(kwargs[k]) if k in _LIST_KEYS else kwargs[k]) for k in MODEL_KEYS}
   # `norm` may be None; a placeholder keeps the field typed as str so overrides still work.
   norm = values.pop("norm")
   cfg = ml_collections.ConfigDict(values)
@@ -65,10 +67,17 @@ def model_config_from_yaml(path: str | os.PathLike) -> ml_collections.ConfigDict
 def model_config_to_yaml(cfg: ml_collections.ConfigDict, path: str | os.PathLike) -> None:
   """Writes `cfg` as an official-format YAML (`seq2seq:` block), atomically."""
   block = {k: (list(cfg[k]) if k in _LIST_KEYS else cfg[k]) for k in MODEL_KEYS}
+  block["norm"] = norm_of(cfg)
   tmp = f"{os.fspath(path)}.tmp"
   with open(tmp, "w") as f:
     yaml.safe_dump({"seq2seq": block}, f, sort_keys=False)
   os.replace(tmp, path)
+
+
+def norm_of(cfg: Mapping[str, Any]) -> str | None:
+  """The model's norm; the command line can only give strings, so 'None'/'null' mean None."""
+  norm = cfg["norm"]
+  return None if norm in (None, "", "None", "none", "null") else norm
 
 
 def validate_model_config(cfg: Mapping[str, Any]) -> None:
@@ -79,7 +88,7 @@ def validate_model_config(cfg: Mapping[str, Any]) -> None:
   """
   if cfg["ndims"] not in (2, 3):
     raise ValueError(f"model.ndims must be 2 or 3, got {cfg['ndims']}")
-  if cfg["norm"] not in NORMS:
+  if norm_of(cfg) not in NORMS:
     raise ValueError(f"model.norm must be 'InstanceNorm' or null, got {cfg['norm']!r}")
   for key in ("c_s", "c_w", "c_in", "c_lstm"):
     if int(cfg[key]) < 1:

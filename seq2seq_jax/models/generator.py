@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from seq2seq_jax.models import ops
-from seq2seq_jax.models.config import total_stride, validate_model_config
+from seq2seq_jax.models.config import norm_of, total_stride, validate_model_config
 from seq2seq_jax.models.conv import linear_init, zeros
 from seq2seq_jax.models.convlstm import ConvLSTM
 from seq2seq_jax.models.decoder import HyperDecoder
@@ -52,7 +52,7 @@ class Generator(nn.Module):
     tup = lambda k: tuple(int(v) for v in cfg[k])
     return cls(ndims=int(cfg["ndims"]), c_s=int(cfg["c_s"]), c_w=int(cfg["c_w"]),
                c_in=int(cfg["c_in"]), c_enc=tup("c_enc"), k_enc=tup("k_enc"),
-               s_enc=tup("s_enc"), nres_enc=int(cfg["nres_enc"]), norm=cfg["norm"],
+               s_enc=tup("s_enc"), nres_enc=int(cfg["nres_enc"]), norm=norm_of(cfg),
                c_lstm=int(cfg["c_lstm"]), c_dec=tup("c_dec"), k_dec=tup("k_dec"),
                s_dec=tup("s_dec"), nres_dec=int(cfg["nres_dec"]), dtype=dtype, remat=remat)
 
