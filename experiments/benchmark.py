@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from seq2seq_jax import host_memory
 from seq2seq_jax import sharding
 from seq2seq_jax import train_step as ts
 from seq2seq_jax import vgg as vgg_lib
@@ -127,9 +128,12 @@ def main(argv):
   gbatch = sharding.global_batch(mesh, batch)
 
   t0 = time.perf_counter()
-  compiled = step.lower(state, gbatch, vgg).compile()
+  compiled = ts.compile_step(step, state, gbatch, vgg)
   compile_s = time.perf_counter() - t0
   flops = _flops(compiled)
+  host_memory.release_free_memory()  # as train.py does between compiling and the first step
+  rss_after_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  mem = compiled.memory_analysis()
   state, m = compiled(state, gbatch, vgg)
   jax.block_until_ready(m)
   times = []
@@ -149,6 +153,10 @@ def main(argv):
       "voxels_per_s": float(np.prod(batch["src"].shape)) / sec,
       "gflop_per_step": flops / 1e9, "achieved_gflops": flops / 1e9 / sec,
       "compile_s": compile_s,
+      # XLA's own buffer plan: live temporaries at the step's peak, and its arguments.
+      "xla_temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20,
+      "xla_args_mb": getattr(mem, "argument_size_in_bytes", 0) / 2**20,
+      "peak_rss_compile_mb": rss_after_compile,
   }
   # Peak RSS of the training step alone (ru_maxrss is a lifetime peak: read it before eval).
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

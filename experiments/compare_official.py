@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 
@@ -53,20 +54,25 @@ def main(argv):
   if FLAGS.threads:
     env["OMP_NUM_THREADS"] = str(FLAGS.threads)
   cfg_path = FLAGS["config"].config_filename
+  # The official step runs first: the children's peak RSS is then its own (ours reports its
+  # own peak in its JSON line).
+  theirs = subprocess.run(
+      [sys.executable, str(TOOL), FLAGS.reference, json.dumps(spec), str(FLAGS.steps)],
+      capture_output=True, text=True, check=True, env=env)
+  official_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
   ours = subprocess.run(
       [sys.executable, "-m", "experiments.benchmark", f"--config={cfg_path}",
        f"--steps={FLAGS.steps}", "--eval_volumes=0"] +
       [a for a in sys.argv[1:] if a.startswith("--config.")],
       cwd=REPO, capture_output=True, text=True, check=True)
-  theirs = subprocess.run(
-      [sys.executable, str(TOOL), FLAGS.reference, json.dumps(spec), str(FLAGS.steps)],
-      capture_output=True, text=True, check=True, env=env)
   a, b = _last_json(ours.stdout), _last_json(theirs.stdout)
+  b["peak_rss_mb"] = official_rss
   print(json.dumps(a))
   print(json.dumps(b))
   print(json.dumps({"config": cfg_path, "speedup_vs_official": b["sec_per_step"] / a["sec_per_step"],
                     "ours_sec_per_step": a["sec_per_step"],
-                    "official_sec_per_step": b["sec_per_step"]}))
+                    "official_sec_per_step": b["sec_per_step"],
+                    "ours_peak_rss_mb": a["peak_rss_mb"], "official_peak_rss_mb": official_rss}))
 
 
 if __name__ == "__main__":
