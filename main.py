@@ -16,6 +16,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from seq2seq_jax import host_memory
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
@@ -38,6 +40,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Before any device is touched: XLA reads XLA_FLAGS when its backend starts.
+  host_memory.use_lean_cpu_scheduler(bool(FLAGS.config.train.xla_cpu_lean_scheduler))
   if FLAGS.multihost or FLAGS.coordinator_address:
     # CPU-only runs (tests, debugging on one machine) need a collectives backend.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -43,6 +43,9 @@ def base_config(**model_kwargs) -> ml_collections.ConfigDict:
   t.log_steps = 50           # host-side metric pull + TensorBoard scalars every N steps
   t.eval_steps = 0           # validate every N steps; 0: once per epoch (official); -1: never
   t.eval_subjects = 0        # validate on the first N validation subjects; 0: all
+  # XLA CPU only: the plain scheduler (same brats2d step time, 45% less step memory) instead
+  # of the concurrency-optimised one (14% faster on tiny models). Set before the backend starts.
+  t.xla_cpu_lean_scheduler = True
   t.keep_ckpts = 3           # latest checkpoints kept (the best one by PSNR is kept too)
   t.data_shards = 0          # loader shards making up a global batch; 0: one per process.
                              # Fix it to reproduce a run exactly on another process count.

@@ -108,6 +108,7 @@ def eval_throughput(model, params, config, n_volumes: int) -> float:
 def main(argv):
   del argv
   config = FLAGS.config
+  host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
   if not FLAGS.perceptual:
     config.train.lambda_per = 0.0
   model = ts.make_model(config)

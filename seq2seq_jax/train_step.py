@@ -70,16 +70,9 @@ def _sq_norm(tree) -> jnp.ndarray:
   return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
 
 
-# XLA CPU's default concurrency-optimised scheduler keeps independent branches alive together;
-# the plain one gives the same brats2d step time (6.8 s) with 1.5 instead of 2.7 GB of
-# temporaries (`python -m experiments.benchmark --config=configs/brats2d.py`).
-_CPU_COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
-
-
 def compile_step(step_fn, *args):
-  """AOT-compiles a jitted step for `args`, with the memory-lean scheduler on CPU."""
-  options = _CPU_COMPILER_OPTIONS if jax.devices()[0].platform == "cpu" else None
-  return step_fn.lower(*args).compile(compiler_options=options)
+  """AOT-compiles a jitted step for `args` (so callers can free host memory before running)."""
+  return step_fn.lower(*args).compile()
 
 
 def make_train_step(model: Generator, config: ml_collections.ConfigDict,

@@ -97,7 +97,7 @@ def test_per_example_codes_equal_running_each_alone(fixtures_dir, name):
 
 def test_yaml_reads_exact_official_keys(fixtures_dir):
   cfg = model_config_from_yaml(fixtures_dir / "seq2seq_nonorm_small.yaml")
-  assert cfg.norm is None and cfg.c_enc == [8, 16, 16] and cfg.ndims == 2
+  assert cfg.norm is None and tuple(cfg.c_enc) == (8, 16, 16) and cfg.ndims == 2
   assert sorted(cfg.keys()) == sorted(make_model_config(**cfg.to_dict()).keys())
   cfg.norm = "InstanceNorm"  # overridable after a null
   assert paper_model_config().c_lstm == 256

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -46,7 +47,10 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
     if padding != "VALID":
       raise ValueError(f"conv_nd takes 'VALID' or explicit (lo, hi) pads, not {padding!r}")
     padding = ((0, 0),) * ndims
-  return _conv(x, kernel, stride, tuple((int(lo), int(hi)) for lo, hi in padding))
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if _grad_form(x.shape, kernel.shape, stride) == "xla":
+    return _xla_conv(x, kernel, stride, pads)  # no custom VJP: nothing to gain, fusion intact
+  return _conv(x, kernel, stride, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -73,15 +77,31 @@ def _dot_t(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _grad_form(x_shape, kernel_shape, stride: int) -> str:
+  """Which kernel-gradient form suits a conv (static shapes): 'narrow', 'wide' or 'xla'."""
+  ndims = len(x_shape) - 2
+  k = kernel_shape[0]
+  cin, cout = kernel_shape[-2:]
+  rows = x_shape[0] * math.prod(-(-n // stride) for n in x_shape[1:-1])
+  if stride == 1 and cout * k ** ndims <= 1024 and cout < cin and rows >= 1 << 14:
+    return "narrow"
+  if cin >= 32 and cout >= 32 and rows * cin * cout >= 1 << 24:
+    return "wide"
+  return "xla"
+
+
 def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: int,
                 pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
   """d loss / d kernel of `_xla_conv(x, kernel, stride, pads)` given the output cotangent.
 
   dW[o] = sum_p x_pad[s·p + o] ⊗ dy[p] for each kernel offset o. Three forms, chosen by shape:
   narrow outputs (e.g. the 3-channel output conv): shift dy instead of x, so the k^d offsets
-  become GEMM columns (one [cin, k^d·cout] GEMM); wide layers: one [cin, cout] GEMM per offset
-  over a strided view of x; anything else (few input channels, 3D stems): XLA's own.
+  become GEMM columns (one [cin, k^d·cout] GEMM); wide layers with enough work (the k^d small
+  GEMMs lose to XLA below about 2^24 multiply-adds per offset, e.g. 8 × 8² × 64²): one
+  [cin, cout] GEMM per offset over a strided view of x; anything else (few input channels,
+  3D stems, small layers): XLA's own.
   """
+  form = _grad_form(x.shape, kernel.shape, stride)
   ndims = x.ndim - 2
   k = kernel.shape[0]
   cin, cout = kernel.shape[-2:]
@@ -89,14 +109,14 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
     x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
   out = dy.shape[1:-1]
   offsets = list(itertools.product(range(k), repeat=ndims))
-  if stride == 1 and cout * len(offsets) <= 1024 and cout < cin:
+  if form == "narrow":
     # dy placed at every offset o inside x_pad's frame: column block o of D is dy shifted by o.
     cols = [jnp.pad(dy, ((0, 0),) + tuple((o, k - 1 - o) for o in offs) + ((0, 0),))
             for offs in offsets]
     d = jnp.concatenate(cols, axis=-1).reshape(-1, len(offsets) * cout)
     g = _dot_t(x.reshape(-1, cin), d).reshape(cin, len(offsets), cout)
     return jnp.moveaxis(g, 0, 1).reshape(kernel.shape).astype(kernel.dtype)
-  if cin >= 32 and cout >= 32:
+  if form == "wide":
     dy2 = dy.reshape(-1, cout)
     grads = []
     for offs in offsets:
