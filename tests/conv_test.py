@@ -14,15 +14,13 @@ CASES = [
     (127, 64, 64, 3, 2, 2),  # wide, strided, odd size
     (12, 3, 16, 7, 1, 2),    # few input channels: XLA's own
     (8, 64, 64, 3, 1, 2),    # small layer: XLA's own
-    (24, 32, 32, 3, 1, 3),   # 3D wide
-    (26, 8, 4, 3, 1, 3),     # 3D narrow output
-    (8, 1, 8, 5, 2, 3),      # 3D stem
+    (24, 32, 32, 3, 1, 3),   # 3D: XLA's own (memory)
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_gradients_equal_xla(case):
-  expected = ["narrow", "wide", "wide", "xla", "xla", "wide", "narrow", "xla"][CASES.index(case)]
+  expected = ["narrow", "wide", "wide", "xla", "xla", "xla"][CASES.index(case)]
   x_shape = (2,) + (case[0],) * case[5] + (case[1],)
   assert conv._grad_form(x_shape, (case[3],) * case[5] + case[1:3], case[4]) == expected
   n, cin, cout, k, stride, ndims = case

@@ -83,6 +83,10 @@ def _grad_form(x_shape, kernel_shape, stride: int) -> str:
   k = kernel_shape[0]
   cin, cout = kernel_shape[-2:]
   rows = x_shape[0] * math.prod(-(-n // stride) for n in x_shape[1:-1])
+  if ndims != 2:
+    # 3D: k³ = 27+ shifted copies cost more memory than they save time (the spatially sharded
+    # 64×32×32 test step's temporaries grew 4×); XLA's own there.
+    return "xla"
   if stride == 1 and cout * k ** ndims <= 1024 and cout < cin and rows >= 1 << 14:
     return "narrow"
   if cin >= 32 and cout >= 32 and rows * cin * cout >= 1 << 24:
@@ -99,7 +103,7 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
   become GEMM columns (one [cin, k^d·cout] GEMM); wide layers with enough work (the k^d small
   GEMMs lose to XLA below about 2^24 multiply-adds per offset, e.g. 8 × 8² × 64²): one
   [cin, cout] GEMM per offset over a strided view of x; anything else (few input channels,
-  3D stems, small layers): XLA's own.
+  small layers, every 3D conv): XLA's own.
   """
   form = _grad_form(x.shape, kernel.shape, stride)
   ndims = x.ndim - 2
