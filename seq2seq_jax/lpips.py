@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seq2seq_jax import weights_file
+
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 EPS = 1e-10
@@ -63,36 +65,10 @@ def _aliases(key: str) -> list:
   return out
 
 
-def _to_numpy(value) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor; torch was imported by the reader already
-    return value.detach().cpu().double().numpy()
-  return np.asarray(value, dtype=np.float64)
-
-
 def read_state_dict(path) -> Mapping[str, Any]:
   """Reads a `.pth` (torch, weights only) or `.npz` state dict; errors name the file."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"LPIPS weight file not found: {path!r} (torchvision alexnet "
-                            "features + lpips v0.1 alex heads, .pth or .npz)")
-  if path.endswith(".npz"):
-    try:
-      with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-    except Exception as e:
-      raise ValueError(f"could not read LPIPS weights from {path!r}: {e}") from e
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f"reading {path!r} needs torch; without torch, convert it to an .npz "
-                      "with the same keys") from e
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise ValueError(f"could not read LPIPS weights from {path!r}: {e}") from e
-  if not isinstance(state, Mapping):
-    raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
-  return state
+  return weights_file.read_state_dict(
+      path, "LPIPS", "torchvision alexnet features + lpips v0.1 alex heads, .pth or .npz")
 
 
 def params_from_state_dict(state: Mapping[str, Any], source: str = "state dict") -> dict:
@@ -115,7 +91,7 @@ def params_from_state_dict(state: Mapping[str, Any], source: str = "state dict")
     found = next((a for a in _aliases(key) if a in state), None)
     if found is None:
       raise ValueError(f"LPIPS weights in {source}: missing key {key}")
-    value = _to_numpy(state[found])
+    value = weights_file.to_numpy(state[found], np.float64)
     if tuple(value.shape) != want:
       raise ValueError(f"LPIPS weights in {source}: key {found} has shape "
                        f"{tuple(value.shape)}, expected {want}")

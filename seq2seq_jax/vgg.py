@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seq2seq_jax import weights_file
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -50,43 +52,10 @@ def expected_shapes() -> dict:
   return shapes
 
 
-def _to_numpy(value) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor; torch was imported by the reader already
-    return value.detach().cpu().float().numpy()
-  return np.asarray(value, dtype=np.float32)
-
-
 def _read_state_dict(path) -> Mapping[str, Any]:
-  """Reads a `.pth` (torch) or `.npz` state dict; errors name the file."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"VGG19 weight file not found: {path!r} (expected torchvision's ImageNet vgg19 "
-        "state_dict saved with torch.save, or an .npz with the same keys)")
-  if path.endswith(".npz"):
-    try:
-      with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-    except Exception as e:
-      raise ValueError(f"could not read VGG19 weights from {path!r}: {e}") from e
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        f"reading {path!r} needs torch; without torch, convert it to an .npz with the same "
-        "keys") from e
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise ValueError(f"could not read VGG19 weights from {path!r}: {e}") from e
-  # Some checkpoints wrap the state dict; accept that common case rather than fail on it.
-  if isinstance(state, Mapping) and "state_dict" in state and isinstance(
-      state["state_dict"], Mapping):
-    state = state["state_dict"]
-  if not isinstance(state, Mapping):
-    raise ValueError(
-        f"{path!r} holds a {type(state).__name__}, not a state dict of VGG19 weights")
-  return state
+  return weights_file.read_state_dict(
+      path, "VGG19", "torchvision's ImageNet vgg19 state_dict saved with torch.save, or an "
+      ".npz with the same keys")
 
 
 def vgg19_params_from_state_dict(state: Mapping[str, Any], source: str = "state dict") -> dict:
@@ -110,7 +79,7 @@ def vgg19_params_from_state_dict(state: Mapping[str, Any], source: str = "state 
     raise ValueError(f"VGG19 weights in {source}: missing key(s) {', '.join(missing)}")
   arrays = {}
   for key, want in shapes.items():
-    value = _to_numpy(state[key])
+    value = weights_file.to_numpy(state[key])
     if tuple(value.shape) != want:
       raise ValueError(f"VGG19 weights in {source}: key {key} has shape {tuple(value.shape)}, "
                        f"expected {want}")
