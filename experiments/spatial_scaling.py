@@ -9,8 +9,8 @@ the volume's depth sharded over a `spatial` mesh axis (GSPMD: the input is shard
 propagates the sharding through every layer and inserts the halo exchanges and the norm
 statistics' reductions). Prints one JSON line per n: per-device temp memory from XLA's
 `memory_analysis()`, the loss and output error against n = 1, and the largest cubic volume
-whose step fits `--budget_gb` per device (extrapolated linearly in voxels from `--size`, then
-checked by compiling it).
+whose step fits `--budget_gb` per device (memory modelled as fixed + per voxel from the
+compiled sizes, each guess checked by compiling it).
 """
 
 from __future__ import annotations
@@ -78,6 +78,40 @@ def per_device_bytes(compiled) -> int:
   return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
 
 
+def largest_cube(model, params, c_s, n, stride, shape, used0):
+  """Largest cubic edge (a multiple of n · stride) whose step fits `--budget_gb` per device.
+
+  Memory is modelled as fixed + per-voxel (a line through the last two compiled sizes, the
+  first being `--size`); each guess is checked by compiling it, up to 4 compilations.
+  """
+  budget = FLAGS.budget_gb * 2 ** 30
+  unit = n * stride
+  pts = [(float(np.prod(shape[2:5])), float(used0))]
+  best, best_used, tried = 0, None, set()
+  for _ in range(4):
+    if len(pts) == 1:
+      per_voxel, fixed = pts[0][1] / pts[0][0], 0.0
+    else:
+      (v0, u0), (v1, u1) = pts[-2:]
+      per_voxel = max((u1 - u0) / (v1 - v0), 1.0) if v1 != v0 else u1 / v1
+      fixed = u1 - per_voxel * v1
+    edge = int((max(budget - fixed, 0.0) / per_voxel) ** (1 / 3))
+    edge -= edge % unit
+    if edge <= 0 or edge in tried:
+      edge = best + unit if best and best + unit not in tried else 0
+      if edge <= 0:
+        break
+    tried.add(edge)
+    big, _ = compiled_for(model, params, (1, 1, edge, edge, edge, shape[-1]), n, c_s)
+    used = per_device_bytes(big)
+    pts.append((float(edge ** 3), float(used)))
+    if used <= budget and edge > best:
+      best, best_used = edge, used
+  return {"max_cubic_edge": best,
+          "max_edge_per_device_mb": best_used / 2 ** 20 if best_used else None,
+          "compiled_edges": sorted(tried)}
+
+
 def main(argv):
   del argv
   config = FLAGS.config
@@ -108,16 +142,7 @@ def main(argv):
            "out_max_abs_err": float(np.max(np.abs(out - ref[1]))),
            "grad_rel_l2_err": float(np.linalg.norm(g - ref[2]) / np.linalg.norm(ref[2]))}
     if FLAGS.budget_gb > 0:
-      per_voxel = per_device_bytes(compiled) / np.prod(shape[2:5])
-      edge = int((FLAGS.budget_gb * 2 ** 30 / per_voxel) ** (1 / 3))
-      edge -= edge % (n * stride)
-      while edge > 0:
-        big, _ = compiled_for(model, params, (1, 1, edge, edge, edge, 1), n, c_s)
-        used = per_device_bytes(big)
-        if used <= FLAGS.budget_gb * 2 ** 30:
-          break
-        edge -= n * stride
-      row.update(max_cubic_edge=edge, max_edge_per_device_mb=used / 2 ** 20)
+      row.update(largest_cube(model, params, c_s, n, stride, shape, per_device_bytes(compiled)))
     print(json.dumps(row), flush=True)
     n *= 2
 
