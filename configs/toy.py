@@ -19,10 +19,12 @@ def get_config():
   c.data.toy_size = 32   # 32^3 phantoms: whole-slice crops, 4x cheaper steps than 64^3
   c.data.toy_seed = 0
   t = c.train
-  t.epochs = 36          # 42 train subjects x 8 crops / batch 8 = 42 steps per epoch
+  t.epochs = 288         # 42 train subjects x 1 crop / batch 8 = 5.25, rounded up to 6 steps per epoch
   t.total_steps = 1500
   t.lr = 1e-3            # faster than the official 2e-4 on this small model and budget
-  t.rep_step = 8
+  # One crop per subject read, so a batch spans 8 subjects: +1 dB validation PSNR at 400 steps
+  # over the official 8 crops of one subject per batch (README, "What the toy default gives").
+  t.rep_step = 1
   t.crop_size = (1, 32, 32)
   t.valid_size = (16, 32, 32)
   t.lambda_per = 0.0     # no ImageNet VGG19 weights can be downloaded here
