@@ -48,25 +48,28 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
       raise ValueError(f"conv_nd takes 'VALID' or explicit (lo, hi) pads, not {padding!r}")
     padding = ((0, 0),) * ndims
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if _grad_form(x.shape, kernel.shape, stride) == "xla":
+  form = _grad_form(x.shape, kernel.shape, stride)
+  if form == "xla":
     return _xla_conv(x, kernel, stride, pads)  # no custom VJP: nothing to gain, fusion intact
-  return _conv(x, kernel, stride, pads)
+  return _conv(x, kernel, stride, pads, form)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, kernel, stride, pads):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, kernel, stride, pads, form):
+  del form
   return _xla_conv(x, kernel, stride, pads)
 
 
-def _conv_fwd(x, kernel, stride, pads):
+def _conv_fwd(x, kernel, stride, pads, form):
+  del form
   return _xla_conv(x, kernel, stride, pads), (x, kernel)
 
 
-def _conv_bwd(stride, pads, res, dy):
+def _conv_bwd(stride, pads, form, res, dy):
   x, kernel = res
   # The forward conv traced here is dead code after the transpose; XLA removes it.
   dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, pads), x)[1](dy)[0]
-  return dx, kernel_grad(x, dy, kernel, stride, pads)
+  return dx, kernel_grad(x, dy, kernel, stride, pads, form)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -95,17 +98,16 @@ def _grad_form(x_shape, kernel_shape, stride: int) -> str:
 
 
 def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: int,
-                pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
+                pads: Sequence[tuple[int, int]], form: str) -> jnp.ndarray:
   """d loss / d kernel of `_xla_conv(x, kernel, stride, pads)` given the output cotangent.
 
-  dW[o] = sum_p x_pad[s·p + o] ⊗ dy[p] for each kernel offset o. Three forms, chosen by shape:
-  narrow outputs (e.g. the 3-channel output conv): shift dy instead of x, so the k^d offsets
-  become GEMM columns (one [cin, k^d·cout] GEMM); wide layers with enough work (the k^d small
+  dW[o] = sum_p x_pad[s·p + o] ⊗ dy[p] for each kernel offset o. `form` is `_grad_form`'s
+  choice ('narrow' or 'wide'; convs it leaves to XLA never get here): narrow outputs (e.g. the
+  3-channel output conv) shift dy instead of x, so the k^d offsets become GEMM columns (one
+  [cin, k^d·cout] GEMM); wide layers with enough work (the k^d small
   GEMMs lose to XLA below about 2^24 multiply-adds per offset, e.g. 8 × 8² × 64²): one
-  [cin, cout] GEMM per offset over a strided view of x; anything else (few input channels,
-  small layers, every 3D conv): XLA's own.
+  [cin, cout] GEMM per offset over a strided view of x.
   """
-  form = _grad_form(x.shape, kernel.shape, stride)
   ndims = x.ndim - 2
   k = kernel.shape[0]
   cin, cout = kernel.shape[-2:]
@@ -120,17 +122,16 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
     d = jnp.concatenate(cols, axis=-1).reshape(-1, len(offsets) * cout)
     g = _dot_t(x.reshape(-1, cin), d).reshape(cin, len(offsets), cout)
     return jnp.moveaxis(g, 0, 1).reshape(kernel.shape).astype(kernel.dtype)
-  if form == "wide":
-    dy2 = dy.reshape(-1, cout)
-    grads = []
-    for offs in offsets:
-      start = (0,) + offs + (0,)
-      limit = (x.shape[0],) + tuple(o + (n - 1) * stride + 1 for o, n in zip(offs, out)) + (cin,)
-      view = lax.slice(x, start, limit, (1,) + (stride,) * ndims + (1,))
-      grads.append(_dot_t(view.reshape(-1, cin), dy2))
-    return jnp.stack(grads).reshape(kernel.shape).astype(kernel.dtype)
-  valid = ((0, 0),) * ndims
-  return jax.vjp(lambda w: _xla_conv(x, w, stride, valid), kernel)[1](dy)[0]
+  if form != "wide":
+    raise ValueError(f"kernel_grad form must be 'narrow' or 'wide', got {form!r}")
+  dy2 = dy.reshape(-1, cout)
+  grads = []
+  for offs in offsets:
+    start = (0,) + offs + (0,)
+    limit = (x.shape[0],) + tuple(o + (n - 1) * stride + 1 for o, n in zip(offs, out)) + (cin,)
+    view = lax.slice(x, start, limit, (1,) + (stride,) * ndims + (1,))
+    grads.append(_dot_t(view.reshape(-1, cin), dy2))
+  return jnp.stack(grads).reshape(kernel.shape).astype(kernel.dtype)
 
 
 def conv_kernel_init(ndims: int):
