@@ -1,4 +1,4 @@
-"""conv_nd's custom kernel gradient against the gradient XLA derives for the same conv."""
+"""conv_nd's own forward and kernel gradient against XLA's convolution and its gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +7,10 @@ import pytest
 
 from seq2seq_jax.models import conv
 
-# (spatial, cin, cout, k, stride, ndims): one case per branch of `kernel_grad` and dims.
+# (spatial, cin, cout, k, stride, ndims): one case per branch of `kernel_grad`, the shifted-GEMM
+# forward (narrow outputs), and dims.
 CASES = [
-    (96, 32, 3, 7, 1, 2),    # narrow output: dy shifted into GEMM columns
+    (96, 32, 3, 7, 1, 2),    # narrow output: shifted-GEMM forward, dy shifted into GEMM columns
     (64, 64, 48, 3, 1, 2),   # wide: one GEMM per offset
     (127, 64, 64, 3, 2, 2),  # wide, strided, odd size
     (12, 3, 16, 7, 1, 2),    # few input channels: XLA's own
@@ -22,7 +23,10 @@ CASES = [
 def test_gradients_equal_xla(case):
   expected = ["narrow", "wide", "wide", "xla", "xla", "xla"][CASES.index(case)]
   x_shape = (2,) + (case[0],) * case[5] + (case[1],)
-  assert conv._grad_form(x_shape, (case[3],) * case[5] + case[1:3], case[4]) == expected
+  k_shape = (case[3],) * case[5] + case[1:3]
+  assert conv._grad_form(x_shape, k_shape, case[4]) == expected
+  narrow_fwd = CASES.index(case) == 0
+  assert conv._forward_form(x_shape, k_shape, case[4]) == ("narrow" if narrow_fwd else "xla")
   n, cin, cout, k, stride, ndims = case
   pads = (((k - 1) // 2, (k - 1) // 2),) * ndims
   rng = np.random.default_rng(0)
@@ -31,7 +35,10 @@ def test_gradients_equal_xla(case):
   y_ref, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, stride, pads), x, w)
   y, vjp = jax.vjp(lambda a, b: conv.conv_nd(a, b, stride, pads), x, w)
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  np.testing.assert_array_equal(y, y_ref)
+  if narrow_fwd:  # the same products summed in another order
+    np.testing.assert_allclose(y, y_ref, atol=1e-5 * float(jnp.abs(y_ref).max()), rtol=0)
+  else:
+    np.testing.assert_array_equal(y, y_ref)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
     scale = float(jnp.abs(want).max())
     # float32 sums of up to 8k products in another order: ~1e-6 of the largest value.
@@ -53,3 +60,18 @@ def test_bf16_kernel_gradient_dtype_and_value():
 def test_rejects_same_padding():
   with pytest.raises(ValueError, match="SAME"):
     conv.conv_nd(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), padding="SAME")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_shifted_gemm_conv_matches_xla_with_padding(dtype):
+  """Asymmetric zero pads and a non-square image, in float32 and bf16 (f32 accumulation)."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((3, 21, 34, 24)), dtype)
+  w = jnp.asarray(rng.standard_normal((5, 5, 24, 2)) * 0.1, dtype)
+  pads = ((1, 3), (2, 0))
+  y = conv.shifted_gemm_conv(x, w, pads)
+  y_ref = conv._xla_conv(x.astype(jnp.float32), w.astype(jnp.float32), 1, pads)
+  assert y.dtype == dtype and y.shape == y_ref.shape
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(y, np.float32), y_ref,
+                             atol=tol * float(jnp.abs(y_ref).max()), rtol=0)
