@@ -1,7 +1,7 @@
 """Times the jitted train step and whole-volume inference of any config; prints one JSON line.
 
     python -m experiments.benchmark --config=configs/brats2d.py --steps=5
-    python -m experiments.benchmark --config=configs/toy.py --steps=20 --codes=per_example
+    python -m experiments.benchmark --config=configs/toy.py --steps=20 --codes=shared
 
 The step is the official step's work: G(src, cs), G(src, ct), G(G(src, ct), cs), the SmoothL1
 terms (the perceptual term only with --perceptual, on random VGG19 weights), backward, Adam;
@@ -33,8 +33,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 flags.DEFINE_integer("steps", 5, "Timed steps (after compilation); the median is reported.")
 flags.DEFINE_bool("perceptual", False, "Include the perceptual term (random VGG19 weights).")
-flags.DEFINE_enum("codes", "shared", ["shared", "per_example"],
-                  "One target code for the batch (as the official step) or one per example.")
+flags.DEFINE_enum("codes", "config", ["config", "shared", "per_example"],
+                  "One target code for the batch (as the official step) or one per example; "
+                  "config: as training does (shared with config.train.pair_per_batch).")
 flags.DEFINE_integer("t", 1, "Images per sequence (phases of a dynamic sequence).")
 flags.DEFINE_bool("conv_ref", True, "Also time one 256-channel 3x3 conv on 48^2 (GFLOP/s).")
 flags.DEFINE_integer("eval_volumes", 1, "Whole volumes to time inference on (0: skip).")
@@ -111,9 +112,14 @@ def main(argv):
   host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
   if not FLAGS.perceptual:
     config.train.lambda_per = 0.0
+  codes = FLAGS.codes
+  if codes == "config":
+    codes = "shared" if config.train.pair_per_batch else "per_example"
+  # The step itself must see the codes it is given, [1, c_s] or [b, c_s].
+  config.train.pair_per_batch = False
   model = ts.make_model(config)
   mesh = sharding.make_mesh({"data": 1, "spatial": 1})
-  batch = batch_for(config, FLAGS.t, FLAGS.codes)
+  batch = batch_for(config, FLAGS.t, codes)
   vgg = None
   if FLAGS.perceptual:
     vgg = vgg_lib.vgg19_params_from_state_dict(vgg_lib.random_vgg19_state_dict(0))
@@ -149,7 +155,7 @@ def main(argv):
       str(FLAGS["config"].config_filename),
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
       "dtype": str(config.train.dtype), "remat": bool(config.train.remat),
-      "codes": FLAGS.codes, "batch": list(batch["src"].shape),
+      "codes": codes, "batch": list(batch["src"].shape),
       "sec_per_step": sec, "steps_per_s": 1.0 / sec,
       "voxels_per_s": float(np.prod(batch["src"].shape)) / sec,
       "gflop_per_step": flops / 1e9, "achieved_gflops": flops / 1e9 / sec,

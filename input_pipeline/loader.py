@@ -7,17 +7,24 @@ holds examples k*b .. k*b + b-1. Every random choice is drawn from a generator s
 (seed, process_index, example or visit number), so batch k is a pure function of k: the grain
 iterator's state is just the next batch index, and a restored iterator continues with the very
 batches an uninterrupted run would have produced, whatever the prefetching.
+
+One (src, tgt) pair per batch (`pair_per_batch`, and always when sequences differ in phase
+count) is drawn from (seed, batch number) alone, so every loader shard of a global batch draws
+the same pair, uniformly among the pairs that every shard has a subject for (from the dataset
+metadata). An example whose subject lacks the pair takes a random subject of its shard that has
+it, drawn from (seed, process_index, example number).
 """
 import collections
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import grain
 import numpy as np
 
 from input_pipeline import dataset, geometry, sampling
 
-_EXAMPLE, _VISIT, _BATCH = 0, 1, 2  # stream tags, so the generators never coincide
+# Stream tags, so the generators never coincide.
+_EXAMPLE, _VISIT, _PAIR, _SUBSTITUTE = 0, 1, 3, 4
 
 
 def _process_defaults(process_index, process_count):
@@ -31,19 +38,19 @@ def _process_defaults(process_index, process_count):
 
 
 class _SubjectCache:
-  """LRU cache of decoded subjects by visit number (consecutive batches share visits)."""
+  """LRU cache of decoded subjects by key (consecutive batches share visits)."""
 
-  def __init__(self, visits: grain.MapDataset, size: int):
-    self._visits, self._size = visits, size
-    self._data: "collections.OrderedDict[int, Dict]" = collections.OrderedDict()
+  def __init__(self, size: int):
+    self._size = size
+    self._data: "collections.OrderedDict[Any, Dict]" = collections.OrderedDict()
     self._lock = threading.Lock()
 
-  def __call__(self, v: int) -> Dict[str, Any]:
+  def __call__(self, v: Any, encoded: Callable[[], bytes]) -> Dict[str, Any]:
     with self._lock:
       if v in self._data:
         self._data.move_to_end(v)
         return self._data[v]
-    rec = dataset.decode_record(self._visits[v], as_float32=False)
+    rec = dataset.decode_record(encoded(), as_float32=False)
     seqs = rec["sequences"]
     rec["vols"] = {seqs.index(s): vol for s, vol in rec["volumes"].items()}
     rec["avail_idx"] = [i for i, a in enumerate(rec["available"]) if a and i in rec["vols"]]
@@ -57,14 +64,19 @@ class _SubjectCache:
 class _TrainBatch:
   """Batch index -> batch dict (see make_train_iterator)."""
 
-  def __init__(self, visits, meta, *, ndims, c_in, crop_size, batch_size, rep_step, seed,
-               num_codes, process_index, pad_multiple, cache_size):
-    self.subjects = _SubjectCache(visits, cache_size)
+  def __init__(self, visits, records, meta, *, ndims, c_in, crop_size, batch_size, rep_step,
+               seed, num_codes, process_index, process_count, pad_multiple, cache_size,
+               pair_per_batch, split):
+    self.visits, self.records = visits, records
+    self.subjects = _SubjectCache(cache_size)
     self.seqs = meta["sequences"]
     if num_codes < len(self.seqs):
       raise ValueError(f"num_codes {num_codes} < {len(self.seqs)} sequences {self.seqs}")
     phases = [meta["phases"].get(s, 1) for s in self.seqs]
-    self.per_batch_pair = len(set(phases)) > 1
+    self.per_batch_pair = bool(pair_per_batch) or len(set(phases)) > 1
+    if self.per_batch_pair:
+      self.pairs, self.have = _shared_pairs(meta, split, process_count)
+      self.mine = range(process_index, len(self.have), process_count)  # this shard's records
     self.window = sampling.crop_shape(ndims, c_in, crop_size)
     self.ndims, self.b, self.rep = ndims, batch_size, rep_step
     self.seed, self.pi, self.num_codes = seed, process_index, num_codes
@@ -81,20 +93,25 @@ class _TrainBatch:
   def __call__(self, k: int) -> Dict[str, np.ndarray]:
     ex = range(k * self.b, (k + 1) * self.b)
     visits = [i // self.rep for i in ex]
-    subj = {v: self.subjects(v) for v in dict.fromkeys(visits)}
+    subj = {v: self.subjects(v, lambda v=v: self.visits[v]) for v in dict.fromkeys(visits)}
     pair = None
-    if self.per_batch_pair:  # one t per batch: one (src, tgt) pair for the whole batch
-      common = set.intersection(*(set(s["avail_idx"]) for s in subj.values()))
-      first = visits[0]
-      pair = self._pair(self._rng(_BATCH, k), sorted(common) or subj[first]["avail_idx"])
-      # Visits lacking the pair (no common sequence) give their examples to the first visit.
-      visits = [v if set(pair) <= set(subj[v]["avail_idx"]) else first for v in visits]
+    if self.per_batch_pair:
+      # Not seeded by the process (shard) index: every shard of global batch k draws this pair.
+      pair = self.pairs[int(np.random.default_rng([self.seed, _PAIR, k]).integers(
+          len(self.pairs)))]
+      for j, (i, v) in enumerate(zip(ex, visits)):
+        if not set(pair) <= set(subj[v]["avail_idx"]):
+          ok = [r for r in self.mine if set(pair) <= self.have[r]]
+          r = ok[int(self._rng(_SUBSTITUTE, i).integers(len(ok)))]
+          visits[j] = ("record", r)
+          subj[visits[j]] = self.subjects(visits[j], lambda r=r: self.records[r])
     out = collections.defaultdict(list)
     for i, v in zip(ex, visits):
       s = subj[v]
       rng = self._rng(_EXAMPLE, i)
       src, tgt = pair or self._pair(rng, s["avail_idx"])
-      flip = bool(self._rng(_VISIT, v).integers(2))
+      # A substitute subject's flip is its own example's draw.
+      flip = bool(self._rng(_VISIT, v).integers(2) if isinstance(v, int) else rng.integers(2))
       a, b = sampling.draw_example(rng, s["vols"], src, tgt, flip, self.ndims, self.window,
                                    self.norm, self.pad_multiple, self.scale)
       out["src"].append(a)
@@ -115,6 +132,20 @@ class _TrainBatch:
     return batch
 
 
+def _shared_pairs(meta: Dict[str, Any], split: str, n_shards: int):
+  """The (src, tgt) pairs that every loader shard has a subject for, and each record's
+  sequences (metadata `present`, in record order; shard s holds records s::n_shards)."""
+  have = [{i for i, p in enumerate(info["present"]) if p}
+          for info in meta["splits"][split]["subjects"]]
+  n = len(meta["sequences"])
+  pairs = [(a, b) for a in range(n) for b in range(n)
+           if all(any({a, b} <= h for h in have[s::n_shards]) for s in range(n_shards))]
+  if not pairs:
+    raise ValueError(f"one (src, tgt) pair per batch: no sequence of {meta['sequences']} is "
+                     f"held by a {split} subject in each of the {n_shards} loader shards")
+  return pairs, have
+
+
 def train_visits(dataset_dir: str, seed: int, process_index: int, process_count: int,
                  split: str = "train") -> grain.MapDataset:
   """This process's endless, per-epoch reshuffled sequence of encoded subject dataset."""
@@ -132,7 +163,8 @@ def make_train_iterator(dataset_dir: str, *, ndims: int, c_in: int, crop_size: S
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None, pad_multiple: int = 1,
                         split: str = "train", num_threads: int = 2, prefetch: int = 4,
-                        num_batches: Optional[int] = None) -> grain.DatasetIterator:
+                        num_batches: Optional[int] = None,
+                        pair_per_batch: bool = False) -> grain.DatasetIterator:
   """Endless (or `num_batches`) iterator of training batches for this process.
 
   Yields numpy dicts: src [b, t_src, *spatial, c_in], tgt [b, t_tgt, *spatial, c_in] float32
@@ -140,19 +172,22 @@ def make_train_iterator(dataset_dir: str, *, ndims: int, c_in: int, crop_size: S
   available [b, num_codes] float32, 1 for each sequence the example's subject has.
   spatial is (H, W) for ndims=2 (crop_size [1, H, W], c_in neighbouring slices as channels)
   and (D, H, W) for ndims=3 (c_in = 1), each padded with -1 up to a multiple of pad_multiple.
-  When the dataset's sequences differ in phase count, one (src, tgt) pair is drawn per batch.
+  With `pair_per_batch`, and always when the dataset's sequences differ in phase count, every
+  example of batch k has the same (src, tgt) pair, the same in every process (module doc).
   The iterator has get_state()/set_state() for checkpointing, and close() to stop its
   prefetch threads.
   """
   pi, pc = _process_defaults(process_index, process_count)
   meta = dataset.load_metadata(dataset_dir)
   visits = train_visits(dataset_dir, seed, pi, pc, split)
+  records = dataset.split_source(dataset_dir, split, meta)
   # The cache only has to hold the visits of the batches being built at once (a BraTS subject
   # is ~60 MB in float16), since consecutive batches share visits.
-  make = _TrainBatch(visits, meta, ndims=ndims, c_in=c_in, crop_size=crop_size,
+  make = _TrainBatch(visits, records, meta, ndims=ndims, c_in=c_in, crop_size=crop_size,
                      batch_size=batch_size, rep_step=rep_step, seed=seed, num_codes=num_codes,
-                     process_index=pi, pad_multiple=pad_multiple,
-                     cache_size=max(4, (num_threads + 2) * (batch_size // rep_step + 2)))
+                     process_index=pi, process_count=pc, pad_multiple=pad_multiple,
+                     cache_size=max(4, (num_threads + 2) * (batch_size // rep_step + 2)),
+                     pair_per_batch=pair_per_batch, split=split)
   ds = grain.MapDataset.range(num_batches or 2 ** 62).map(make)
   opts = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(opts))

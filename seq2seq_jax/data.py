@@ -56,7 +56,8 @@ class TrainBatches:
             dataset_dir, ndims=int(config.model.ndims), c_in=int(config.model.c_in),
             crop_size=tuple(tc.crop_size), batch_size=int(tc.batch_size) // n_shards,
             rep_step=int(tc.rep_step), seed=int(tc.seed), num_codes=int(config.model.c_s),
-            process_index=s, process_count=n_shards, pad_multiple=pad_multiple)
+            process_index=s, process_count=n_shards, pad_multiple=pad_multiple,
+            pair_per_batch=bool(tc.pair_per_batch))
         for s in self.shards}
 
   def __next__(self) -> dict[str, np.ndarray]:

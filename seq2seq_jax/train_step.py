@@ -77,18 +77,23 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
   """Returns `step(state, batch, vgg) -> (state, metrics)`, jitted with shardings.
 
   `batch` holds `src`, `tgt` `[b, t, *spatial, c_in]` and `src_code`, `tgt_code` `[b, c_s]`
-  (a target per example). A step whose loss, gradient or learning rate is not finite leaves
+  (a target per example; with `config.train.pair_per_batch` the loader makes every row the
+  same and the step uses row 0 as the batch's one code). A step whose loss, gradient or learning rate is not finite leaves
   params and optimizer state untouched and increments `state['nonfinite']`.
   """
   tc = config.train
   tx = make_optimizer()
 
   def step(state, batch, vgg):
+    src_code, tgt_code = batch["src_code"], batch["tgt_code"]
+    if tc.pair_per_batch:
+      src_code, tgt_code = src_code[:1], tgt_code[:1]
+
     def loss_fn(params):
       return seq2seq_objective(
-          model, {"params": params}, batch["src"], batch["tgt"], batch["src_code"],
-          batch["tgt_code"], lambda_rec=tc.lambda_rec, lambda_cyc=tc.lambda_cyc,
-          lambda_per=tc.lambda_per, vgg=vgg)
+          model, {"params": params}, batch["src"], batch["tgt"], src_code, tgt_code,
+          lambda_rec=tc.lambda_rec, lambda_cyc=tc.lambda_cyc, lambda_per=tc.lambda_per,
+          vgg=vgg)
 
     (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     lr = schedule(state["step"])

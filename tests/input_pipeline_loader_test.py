@@ -170,6 +170,34 @@ def test_dynamic_sequences_draw_one_pair_per_batch(dyn_dir):
   assert seen_t == {1, 4}
 
 
+def test_pair_per_batch_is_the_same_in_every_shard(ds_dir):
+  meta = dataset.load_metadata(ds_dir)
+  records = meta["splits"]["train"]["subjects"]
+  assert not all(all(r["present"]) for r in records)  # the case that needs substitutes
+  shards = [it2d(ds_dir, batch_size=3, rep_step=1, pair_per_batch=True, process_index=p,
+                 process_count=2) for p in range(2)]
+  pairs = set()
+  for b0, b1 in itertools.islice(zip(*shards), 30):
+    for k in ("src_idx", "tgt_idx"):
+      assert len(set(b0[k]) | set(b1[k])) == 1, k
+    for b in (b0, b1):
+      np.testing.assert_array_equal(b["tgt_code"].argmax(1), b["tgt_idx"])
+      # Every example's subject has both sequences of the pair.
+      assert (b["available"][:, b["src_idx"][0]] == 1).all()
+      assert (b["available"][:, b["tgt_idx"][0]] == 1).all()
+    pairs.add((int(b0["src_idx"][0]), int(b0["tgt_idx"][0])))
+  assert len(pairs) >= 8
+
+
+def test_pair_per_batch_needs_a_pair_in_every_shard():
+  meta = {"sequences": ["t1", "t2"],
+          "splits": {"train": {"subjects": [{"present": [1, 0]}, {"present": [0, 1]}]}}}
+  with pytest.raises(ValueError, match="each of the 2 loader shards"):
+    loader._shared_pairs(meta, "train", 2)
+  pairs, _ = loader._shared_pairs(meta, "train", 1)
+  assert pairs == [(0, 0), (1, 1)]
+
+
 @pytest.mark.parametrize("ndims", [2, 3])
 def test_eval_views_are_centre_crops(ds_dir, ndims):
   c_in = 3 if ndims == 2 else 1

@@ -158,3 +158,46 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run(cache_dir, tmp_path):
   step, params = final_params(tmp_path / "nan")
   assert step == 2  # saved before the streak reached the limit, with the update skipped
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
+
+
+def test_pair_per_batch_step_equals_the_per_example_step():
+  """The shared-kernel path (row 0's code for the batch) against per-example kernels, on a
+  batch whose rows all carry the same pair: the same loss and update."""
+  from seq2seq_jax import sharding
+  from seq2seq_jax import train_step as ts
+  c = tiny.get_config()
+  c.train.lambda_per = 0.0
+  model = ts.make_model(c)
+  mesh = sharding.make_mesh({"data": 1, "spatial": 1})
+  rng = np.random.default_rng(0)
+  b = 4
+  eye = np.eye(int(c.model.c_s), dtype=np.float32)
+  batch = {"src": rng.uniform(-1, 1, (b, 1, 16, 16, 3)).astype(np.float32),
+           "tgt": rng.uniform(-1, 1, (b, 1, 16, 16, 3)).astype(np.float32),
+           "src_code": eye[[2] * b], "tgt_code": eye[[1] * b]}
+  sample = np.zeros((1, 1, 16, 16, 3), np.float32)
+  state_sh = ts.state_shardings(mesh, ts.abstract_state(model, c, sample))
+  schedule = ts.poly_epoch_schedule(1e-3, 1e-6, 10, 100)
+  out = {}
+  for shared in (False, True):
+    c.train.pair_per_batch = shared
+    state = jax.jit(lambda x: ts.init_state(model, c, x), out_shardings=state_sh)(sample)
+    step = ts.make_train_step(model, c, schedule, mesh, state_sh,
+                              {k: v.ndim for k, v in batch.items()})
+    out[shared] = step(state, sharding.global_batch(mesh, batch), None)
+  (s0, m0), (s1, m1) = out[False], out[True]
+  np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-5)
+  # Adam's first moment after one step is 0.1·gradient. (The params themselves move by ±lr
+  # on step 1 whatever |g|, so near-zero gradients would make them differ by 2·lr.)
+  mu0, mu1 = s0["opt_state"].inner_state[0].mu, s1["opt_state"].inner_state[0].mu
+  leaves = jax.tree_util.tree_leaves_with_path(mu0)
+  # Gradients that vanish in exact arithmetic (biases before an InstanceNorm; fc_bias, whose
+  # bank `b` starts at zero) are rounding noise: judged against the largest gradient.
+  floor = 1e-4 * max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(mu0))
+  for (path, g0), g1 in zip(leaves, jax.tree_util.tree_leaves(mu1)):
+    scale = float(np.abs(g0).max())
+    # Bias gradients are sums over every position that largely cancel (one LSTM bias comes out
+    # 1.5e-3 off relative to its largest entry); kernels agree to < 4e-6.
+    tol = 5e-3 if g0.ndim == 1 else 1e-4
+    np.testing.assert_allclose(g1, g0, rtol=0, atol=tol * scale + floor,
+                               err_msg=jax.tree_util.keystr(path))
