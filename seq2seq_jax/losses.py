@@ -5,8 +5,9 @@
           + λ_per·(P(G(src, ct), tgt) + P(G(src, cs), src))
 
 as the official training step computes it (reference page, "Training objective"). The source is
-encoded once and decoded for both codes: the official code runs the encoder twice on the same
-input, which gives the same numbers for twice the work.
+encoded once, and its decoder ConvLSTM (which does not see the code) run once, for both codes:
+the official code runs both twice on the same input, which gives the same numbers for twice
+the work.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def seq2seq_objective(model, variables: Mapping[str, Any], src: jnp.ndarray,
     raise ValueError("lambda_per > 0 needs VGG19 weights: pass vgg=load_vgg19_params(path)")
   t_src, t_tgt = src.shape[1], tgt.shape[1]
   latent = model.apply(variables, src, method="encode")
-  out_s = model.apply(variables, latent, src_code, t_src, method="decode")
-  out_t = model.apply(variables, latent, tgt_code, t_tgt, method="decode")
+  h_s = model.apply(variables, latent, t_src, method="decode_hidden")
+  h_t = h_s if t_tgt == t_src else model.apply(variables, latent, t_tgt, method="decode_hidden")
+  out_s = model.apply(variables, h_s, src_code, method="render")
+  out_t = model.apply(variables, h_t, tgt_code, method="render")
   out_c = model.apply(variables, out_t, src_code, n_outseq=t_src)
   rec = smooth_l1(out_t, tgt) + smooth_l1(out_s, src)
   cyc = smooth_l1(out_c, src)

@@ -24,8 +24,9 @@ class Generator(nn.Module):
       (one target per example).
     returns `[b, n_outseq, *spatial, c_in]` float32 in [-1, 1].
 
-  `encode` and `decode` are exposed (`method=`) so that several targets can be decoded from
-  one encoding. Attributes are the official config keys (see `models/config.py`), plus the
+  `encode`, `decode`, and decode's two halves `decode_hidden` (the code-independent decoder
+  ConvLSTM) and `render` (the hyper decoder) are exposed (`method=`), so that several targets
+  can be decoded from one encoding and one decoder-LSTM pass. Attributes are the official config keys (see `models/config.py`), plus the
   compute `dtype` (params are always float32) and `remat` (recompute blocks in backward).
   """
   ndims: int
@@ -87,11 +88,19 @@ class Generator(nn.Module):
 
   def decode(self, latent: jnp.ndarray, code: jnp.ndarray, n_outseq: int = 1) -> jnp.ndarray:
     """latent `[b, ...]`, code `[1 or b, c_s]` → `[b, n_outseq, *spatial, c_in]`."""
-    b = latent.shape[0]
+    return self.render(self.decode_hidden(latent, n_outseq), code)
+
+  def decode_hidden(self, latent: jnp.ndarray, n_outseq: int = 1) -> jnp.ndarray:
+    """latent `[b, ...]` → the decoder ConvLSTM's `[b, n_outseq, ..., c_lstm]`, which does not
+    depend on the target code."""
+    return self.dec_convlstm(latent, n_outseq)
+
+  def render(self, h: jnp.ndarray, code: jnp.ndarray) -> jnp.ndarray:
+    """`decode_hidden`'s output, code `[1 or b, c_s]` → `[b, n_outseq, *spatial, c_in]`."""
+    b, n_outseq = h.shape[:2]
     if code.ndim != 2 or code.shape[-1] != self.c_s or code.shape[0] not in (1, b):
       raise ValueError(f"code must be [1, {self.c_s}] or [{b}, {self.c_s}], got {code.shape}")
     s = ops.leaky_relu(self.style_fc(code.astype(jnp.float32)))
-    h = self.dec_convlstm(latent, n_outseq)
     h = h.reshape((b * n_outseq,) + h.shape[2:])
     if s.shape[0] > 1:
       s = jnp.repeat(s, n_outseq, axis=0)  # rows follow the [b, n_outseq] fold

@@ -1,0 +1,164 @@
+"""Where a train step's time goes: a `jax.profiler` trace, summed per layer and per kernel kind.
+
+    python -m experiments.profile_step --config=configs/toy.py --steps=10
+    python -m experiments.profile_step --config=configs/brats2d.py --steps=2 --top=30
+
+Runs the benchmark's step (`experiments.benchmark`: same batch, codes and flags) under
+`jax.profiler.trace`, keeps the trace (TensorBoard/Perfetto) under `--trace_dir`, and prints
+milliseconds per step for the top layers (each XLA kernel is attributed to the JAX op it came
+from, via the compiled HLO's `op_name`; `jvp(...)` is the forward pass, `transpose(...)` the
+backward) and per kernel kind (XNNPACK/YNNPACK convolution fusions, XLA loop fusions,
+copies, ...). Times are kernel spans summed over threads, so with two cores they may add up
+to more than the step's wall time; the printed coverage says how much of the wall time had
+some kernel running.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from experiments import benchmark
+from seq2seq_jax import host_memory
+from seq2seq_jax import sharding
+from seq2seq_jax import train_step as ts
+
+# --config, --steps (traced, after 3 warm-up steps) and --codes are experiments.benchmark's.
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("top", 25, "Layers to list.")
+flags.DEFINE_string("trace_dir", "/tmp/seq2seq_profile", "Where the trace is written.")
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Instruction name -> (JAX op_name or a description, opcode) from compiled HLO text.
+
+  A fusion without an op_name of its own takes the first one inside it; one with none at all
+  (XLA's derived kernel-gradient convolutions, layout copies) is described by the root op of
+  its body and its output shape, e.g. 'unnamed convolution -> f32[32,3,3,32]'.
+  """
+  first: dict[str, str] = {}  # computation -> first op_name in its body
+  root: dict[str, str] = {}   # computation -> opcode of its ROOT
+  comp = None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^%?([\w.\-]+) .*\{$", line)
+    if head:
+      comp = head.group(1)
+      continue
+    op = re.search(r'op_name="([^"]+)"', line)
+    if comp and op and comp not in first:
+      first[comp] = op.group(1)
+    r = re.match(r"\s*ROOT %?[\w.\-]+ = \S+ (\w+)\(", line)
+    if comp and r:
+      root[comp] = r.group(1)
+  out = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*%?([\w.\-]+) = (\S+) (\w+)\(", line)
+    if not m:
+      continue
+    op = re.search(r'op_name="([^"]+)"', line)
+    calls = re.search(r"calls=%?([\w.\-]+)", line)
+    callee = calls.group(1) if calls else ""
+    name = op.group(1) if op else first.get(callee, "")
+    if not name:
+      shape = re.sub(r"\{.*\}", "", m.group(2))
+      name = f"unnamed {root.get(callee, m.group(3))} -> {shape}"
+    out[m.group(1)] = (name, m.group(3))
+  return out
+
+
+def layer_of(op_name: str) -> str:
+  """'jit(step)/transpose(jvp(Generator.decode))/decoder/conv_last/dot_general' ->
+  'backward decoder/conv_last dot_general' (module path, pass, primitive)."""
+  if op_name.startswith("unnamed "):
+    return op_name
+  parts = [p for p in op_name.split("/") if p and not p.startswith("jit(step)")]
+  if not parts:
+    return "(no op name)"
+  direction = "backward" if any(p.startswith("transpose(") for p in parts) else "forward"
+  mods = [p for p in parts[:-1] if not re.match(r"^(transpose|jvp|jit|vmap)\(", p)]
+  mods = [p for p in mods if not p.startswith("Generator")]
+  return f"{direction:8s} {'/'.join(mods) or '-'} {parts[-1]}"
+
+
+def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int):
+  events = json.load(gzip.open(trace_file))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  kernels = [e for e in events if e.get("ph") == "X" and e.get("name") in names]
+  walls = [e["dur"] for e in events if e.get("ph") == "X" and
+           e.get("name") == "ThunkExecutor::Execute (wait for completion)"]
+  by_layer, by_kind = collections.Counter(), collections.Counter()
+  for e in kernels:
+    op, kind = names[e["name"]]
+    by_layer[layer_of(op)] += e["dur"]
+    by_kind[re.sub(r"[.\d]+$", "", e["name"]) if kind == "fusion" else kind] += e["dur"]
+  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+  covered, end = 0.0, -1.0
+  for a, b in spans:
+    covered += max(0.0, b - max(a, end))
+    end = max(end, b)
+  return by_layer, by_kind, covered, sum(walls[-steps:])
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
+  config.train.lambda_per = 0.0
+  codes = FLAGS.codes
+  if codes == "config":
+    codes = "shared" if config.train.pair_per_batch else "per_example"
+  config.train.pair_per_batch = False
+  model = ts.make_model(config)
+  mesh = sharding.make_mesh({"data": 1, "spatial": 1})
+  batch = benchmark.batch_for(config, 1, codes)
+  sample = jnp.zeros((1, 1) + batch["src"].shape[2:], jnp.float32)
+  state_sh = ts.state_shardings(mesh, ts.abstract_state(model, config, sample))
+  state = jax.jit(lambda x: ts.init_state(model, config, x), out_shardings=state_sh)(sample)
+  schedule = ts.poly_epoch_schedule(float(config.train.lr), float(config.train.min_lr),
+                                    int(config.train.epochs), 1000)
+  step = ts.make_train_step(model, config, schedule, mesh, state_sh,
+                            {k: v.ndim for k, v in batch.items()})
+  gbatch = sharding.global_batch(mesh, batch)
+  compiled = ts.compile_step(step, state, gbatch, None)
+  for _ in range(3):
+    state, m = compiled(state, gbatch, None)
+  jax.block_until_ready(m)
+  run_dir = os.path.join(FLAGS.trace_dir, time.strftime("%Y%m%d-%H%M%S"))
+  t0 = time.perf_counter()
+  with jax.profiler.trace(run_dir, create_perfetto_trace=True):
+    for _ in range(FLAGS.steps):
+      state, m = compiled(state, gbatch, None)
+      jax.block_until_ready(m)
+  wall = (time.perf_counter() - t0) / FLAGS.steps
+  trace = sorted(glob.glob(os.path.join(run_dir, "plugins/profile/*/perfetto_trace.json.gz")))
+  if not trace:
+    raise RuntimeError(f"jax.profiler wrote no perfetto trace under {run_dir}")
+  by_layer, by_kind, covered, exec_us = summarize(trace[-1], hlo_op_names(compiled.as_text()),
+                                                  FLAGS.steps)
+  n = FLAGS.steps
+  total = sum(by_kind.values())
+  print(f"# {config.model.ndims}D, batch {list(batch['src'].shape)}, codes {codes}: "
+        f"{exec_us / n / 1e3:.1f} ms/step in XLA's executor ({wall * 1e3:.1f} ms wall with "
+        f"the profiler's own overhead), kernels {total / n / 1e3:.1f} ms/step summed over "
+        f"threads, some kernel running {covered / max(exec_us, 1) * 100:.0f}% of the time")
+  print(f"# trace: {run_dir}")
+  print("\nms/step  share  layer (pass, module, primitive)")
+  for k, v in by_layer.most_common(FLAGS.top):
+    print(f"{v / n / 1e3:7.2f}  {v / total * 100:4.1f}%  {k}")
+  print("\nms/step  kernel kind")
+  for k, v in by_kind.most_common(12):
+    print(f"{v / n / 1e3:7.2f}  {k}")
+
+
+if __name__ == "__main__":
+  app.run(main)
