@@ -62,7 +62,7 @@ def main(argv):
   official_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
   ours = subprocess.run(
       [sys.executable, "-m", "experiments.benchmark", f"--config={cfg_path}",
-       f"--steps={FLAGS.steps}", "--eval_volumes=0"] +
+       f"--steps={FLAGS.steps}", "--eval_volumes=0", "--codes=shared"] +
       [a for a in sys.argv[1:] if a.startswith("--config.")],
       cwd=REPO, capture_output=True, text=True, check=True)
   a, b = _last_json(ours.stdout), _last_json(theirs.stdout)
