@@ -110,6 +110,7 @@ def main(argv):
   del argv
   config = FLAGS.config
   host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
+  host_memory.reuse_freed_memory()  # before XLA starts its threads
   if not FLAGS.perceptual:
     config.train.lambda_per = 0.0
   codes = FLAGS.codes

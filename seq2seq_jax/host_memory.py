@@ -10,6 +10,12 @@ XLA CPU's default, concurrency-optimised scheduler keeps independent branches' b
 together. The plain scheduler gives brats2d's step the same time (6.8 s) with 1.5 instead of
 2.7 GB of temporaries, but makes the small toy step 14% slower (0.154 vs 0.133 s), hence the
 per-config `train.xla_cpu_lean_scheduler`.
+
+Each step's XLA temporaries are allocated and freed again; glibc serves the large ones with
+fresh `mmap`s (and worker threads from their own arenas, capped at 64 MB a heap), so every step
+page-faults all of them in again: 17,400 faults and 34 ms of kernel time in the toy step's
+141 ms. `reuse_freed_memory` makes glibc keep freed pages for reuse instead (toy step 134 ms,
+0 faults; brats2d the same speed with 0.2 GB less peak RSS).
 """
 
 from __future__ import annotations
@@ -47,3 +53,23 @@ def release_free_memory() -> bool:
   """Returns the heap's free pages to the OS (`malloc_trim(0)`); whether any were released."""
   libc = _libc()
   return bool(libc and libc.malloc_trim(0))
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+
+
+def reuse_freed_memory() -> bool:
+  """Makes glibc keep freed heap pages for the next allocation instead of returning them.
+
+  One arena for all threads (so allocations are not capped by a thread arena's 64 MB heaps),
+  no mmap for large blocks, and no automatic trimming; `release_free_memory` still returns
+  pages on demand. Call it before the XLA backend starts its threads (main.py does). Returns
+  whether glibc accepted the settings (False elsewhere).
+  """
+  libc = _libc()
+  if libc is None or not hasattr(libc, "mallopt"):
+    return False
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30),
+              (_M_TOP_PAD, 64 << 20))
+  return all(libc.mallopt(k, v) == 1 for k, v in settings)
