@@ -171,8 +171,13 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
   out = dy.shape[1:-1]
   offsets = list(itertools.product(range(k), repeat=ndims))
   if form == "narrow":
-    # dy placed at every offset o inside x_pad's frame: column block o of D is dy shifted by o.
-    cols = [jnp.pad(dy, ((0, 0),) + tuple((o, k - 1 - o) for o in offs) + ((0, 0),))
+    # dy placed at every offset o inside x_pad's frame: column block o of D is dy shifted by o,
+    # i.e. a window of dy zero-padded by k-1 on each side. One pad and one fused
+    # slice-concatenate: per-offset pads cost a kernel launch each (147 on the toy step).
+    dy_pad = jnp.pad(dy, ((0, 0),) + ((k - 1, k - 1),) * ndims + ((0, 0),))
+    frame = x.shape[1:-1]
+    cols = [dy_pad[(slice(None),) + tuple(slice(k - 1 - o, k - 1 - o + n)
+                                          for o, n in zip(offs, frame)) + (slice(None),)]
             for offs in offsets]
     d = jnp.concatenate(cols, axis=-1).reshape(-1, len(offsets) * cout)
     g = _dot_t(x.reshape(-1, cin), d).reshape(cin, len(offsets), cout)
