@@ -42,7 +42,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Before any device is touched: XLA reads XLA_FLAGS when its backend starts.
   host_memory.use_lean_cpu_scheduler(bool(FLAGS.config.train.xla_cpu_lean_scheduler))
-  host_memory.reuse_freed_memory()  # before XLA starts its threads
+  if FLAGS.config.train.cpu_heap_reuse:  # before XLA starts its threads
+    host_memory.reuse_freed_memory()
   if FLAGS.multihost or FLAGS.coordinator_address:
     # CPU-only runs (tests, debugging on one machine) need a collectives backend.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -39,4 +39,5 @@ def get_config():
   t.log_steps = 20
   t.eval_steps = 200
   t.xla_cpu_lean_scheduler = False  # the concurrent scheduler is 14% faster on this model
+  t.cpu_heap_reuse = True           # 68 MB of temporaries per step: no per-step page faults
   return c

@@ -113,7 +113,8 @@ def main(argv):
   del argv
   config = FLAGS.config
   host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
-  host_memory.reuse_freed_memory()  # before XLA starts its threads
+  if config.train.cpu_heap_reuse:  # before XLA starts its threads
+    host_memory.reuse_freed_memory()
   config.train.lambda_per = 0.0
   codes = FLAGS.codes
   if codes == "config":

@@ -11,11 +11,13 @@ together. The plain scheduler gives brats2d's step the same time (6.8 s) with 1.
 2.7 GB of temporaries, but makes the small toy step 14% slower (0.154 vs 0.133 s), hence the
 per-config `train.xla_cpu_lean_scheduler`.
 
-Each step's XLA temporaries are allocated and freed again; glibc serves the large ones with
-fresh `mmap`s (and worker threads from their own arenas, capped at 64 MB a heap), so every step
-page-faults all of them in again: 17,400 faults and 34 ms of kernel time in the toy step's
-141 ms. `reuse_freed_memory` makes glibc keep freed pages for reuse instead (toy step 134 ms,
-0 faults; brats2d the same speed with 0.2 GB less peak RSS).
+XLA CPU allocates each step's temporaries as one block and frees it after the step; glibc
+serves a block that large with a fresh `mmap` (worker threads' arenas are capped at 64 MB a
+heap), so every step page-faults all of it in again: 17,400 faults and 34 ms of kernel time in
+the toy step's 141 ms. `reuse_freed_memory` (`train.cpu_heap_reuse`) makes glibc keep freed
+pages for reuse instead: toy step 134 ms, 0 faults. With GB-sized blocks it is a gamble: small
+allocations can land in the freed block's hole, and the next step's block then extends the
+heap (brats2d: 3.9 GB peak in two runs, 6.5 GB in a third, against 4.1 GB without).
 """
 
 from __future__ import annotations
