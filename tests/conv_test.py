@@ -26,7 +26,7 @@ def test_gradients_equal_xla(case):
   k_shape = (case[3],) * case[5] + case[1:3]
   assert conv._grad_form(x_shape, k_shape, case[4]) == expected
   narrow_fwd = CASES.index(case) == 0
-  assert conv._forward_form(x_shape, k_shape, case[4]) == ("narrow" if narrow_fwd else "xla")
+  assert conv.forward_form(x_shape, k_shape, case[4]) == ("narrow" if narrow_fwd else "xla")
   n, cin, cout, k, stride, ndims = case
   pads = (((k - 1) // 2, (k - 1) // 2),) * ndims
   rng = np.random.default_rng(0)
@@ -75,3 +75,18 @@ def test_shifted_gemm_conv_matches_xla_with_padding(dtype):
   tol = 1e-5 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(np.asarray(y, np.float32), y_ref,
                              atol=tol * float(jnp.abs(y_ref).max()), rtol=0)
+
+
+def test_per_example_narrow_conv_matches_the_patches_form():
+  """Forward and both gradients against autodiff of `hyperconv.per_example_conv`."""
+  from seq2seq_jax.models import hyperconv
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((3, 22, 19, 16)), jnp.float32)
+  kernels = jnp.asarray(rng.standard_normal((3, 5, 5, 16, 3)) * 0.1, jnp.float32)
+  assert conv.forward_form(x.shape, kernels.shape[1:], 1) == "narrow"
+  y_ref, vjp_ref = jax.vjp(lambda a, w: hyperconv.per_example_conv(a, w, 1), x, kernels)
+  y, vjp = jax.vjp(conv.per_example_narrow_conv, x, kernels)
+  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))

@@ -49,7 +49,7 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
       raise ValueError(f"conv_nd takes 'VALID' or explicit (lo, hi) pads, not {padding!r}")
     padding = ((0, 0),) * ndims
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  fwd = _forward_form(x.shape, kernel.shape, stride)
+  fwd = forward_form(x.shape, kernel.shape, stride)
   grad = _grad_form(x.shape, kernel.shape, stride)
   if fwd == grad == "xla":
     return _xla_conv(x, kernel, stride, pads)  # no custom VJP: nothing to gain, fusion intact
@@ -86,7 +86,7 @@ def _conv_bwd(stride, pads, fwd, grad, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _forward_form(x_shape, kernel_shape, stride: int) -> str:
+def forward_form(x_shape, kernel_shape, stride: int) -> str:
   """Which forward suits a conv (static shapes): 'narrow' (`shifted_gemm_conv`) or 'xla'.
 
   Narrow: stride 1 and few outputs (k^d·cout ≤ 1024 columns, at most a quarter of the inputs),
@@ -171,15 +171,7 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
   out = dy.shape[1:-1]
   offsets = list(itertools.product(range(k), repeat=ndims))
   if form == "narrow":
-    # dy placed at every offset o inside x_pad's frame: column block o of D is dy shifted by o,
-    # i.e. a window of dy zero-padded by k-1 on each side. One pad and one fused
-    # slice-concatenate: per-offset pads cost a kernel launch each (147 on the toy step).
-    dy_pad = jnp.pad(dy, ((0, 0),) + ((k - 1, k - 1),) * ndims + ((0, 0),))
-    frame = x.shape[1:-1]
-    cols = [dy_pad[(slice(None),) + tuple(slice(k - 1 - o, k - 1 - o + n)
-                                          for o, n in zip(offs, frame)) + (slice(None),)]
-            for offs in offsets]
-    d = jnp.concatenate(cols, axis=-1).reshape(-1, len(offsets) * cout)
+    d = _shifted_columns(dy, k, x.shape[1:-1]).reshape(-1, len(offsets) * cout)
     g = _dot_t(x.reshape(-1, cin), d).reshape(cin, len(offsets), cout)
     return jnp.moveaxis(g, 0, 1).reshape(kernel.shape).astype(kernel.dtype)
   if form != "wide":
@@ -192,6 +184,70 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
     view = lax.slice(x, start, limit, (1,) + (stride,) * ndims + (1,))
     grads.append(_dot_t(view.reshape(-1, cin), dy2))
   return jnp.stack(grads).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _shifted_columns(dy: jnp.ndarray, k: int, frame: Sequence[int]) -> jnp.ndarray:
+  """D with D[n, q, o] = dy[n, q - o] (zero outside dy): dy placed at every kernel offset o
+  inside the input's frame, offsets concatenated on channels: `[n, *frame, k^d·cout]`.
+
+  Built from one zero pad of dy and one fused slice-concatenate: a pad per offset costs a
+  kernel launch each (147 on the toy step).
+  """
+  ndims = dy.ndim - 2
+  dy_pad = jnp.pad(dy, ((0, 0),) + ((k - 1, k - 1),) * ndims + ((0, 0),))
+  cols = [dy_pad[(slice(None),) + tuple(slice(k - 1 - o, k - 1 - o + n)
+                                        for o, n in zip(offs, frame)) + (slice(None),)]
+          for offs in itertools.product(range(k), repeat=ndims)]
+  return jnp.concatenate(cols, axis=-1)
+
+
+@jax.custom_vjp
+def per_example_narrow_conv(x: jnp.ndarray, kernels: jnp.ndarray) -> jnp.ndarray:
+  """VALID stride-1 conv of example i with its own kernel i, for narrow outputs.
+
+  `x` `[b, *sp, cin]`, `kernels` `[b, *k, cin, cout]`. Forward as `shifted_gemm_conv` with a
+  batched GEMM; both gradients from the shifted-dy columns D of `_shifted_columns`:
+  dW_i = x_iᵀ D_i and dx_i = D_i W_iᵀ, one batched GEMM each. Where the patches form
+  (`hyperconv.per_example_conv`) copies k^d·cin channels per pixel (1,568 for the 32→3 7×7
+  output conv), this reads and writes k^d·cout.
+  """
+  return _pe_narrow_fwd(x, kernels)[0]
+
+
+def _pe_flat_kernels(kernels):
+  b, cin, cout = kernels.shape[0], kernels.shape[-2], kernels.shape[-1]
+  return jnp.moveaxis(kernels, -2, 1).reshape(b, cin, -1)  # [b, cin, (*k, cout)]
+
+
+def _pe_narrow_fwd(x, kernels):
+  b, ndims = x.shape[0], x.ndim - 2
+  k = kernels.shape[1]
+  cin, cout = kernels.shape[-2:]
+  out = [n - k + 1 for n in x.shape[1:-1]]
+  z = jnp.einsum("bpc,bcq->bpq", x.reshape(b, -1, cin), _pe_flat_kernels(kernels),
+                 preferred_element_type=jnp.float32)
+  z = z.reshape(x.shape[:-1] + (k ** ndims, cout))
+  y = None
+  for i, offs in enumerate(itertools.product(range(k), repeat=ndims)):
+    term = z[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(offs, out)) +
+             (i, slice(None))]
+    y = term if y is None else y + term
+  return y.astype(x.dtype), (x, kernels)
+
+
+def _pe_narrow_bwd(res, dy):
+  x, kernels = res
+  b, cin = x.shape[0], x.shape[-1]
+  d = _shifted_columns(dy, kernels.shape[1], x.shape[1:-1])
+  d = d.reshape(b, -1, d.shape[-1])
+  w = _pe_flat_kernels(kernels)
+  dw = jnp.einsum("bpc,bpq->bcq", x.reshape(b, -1, cin), d, preferred_element_type=jnp.float32)
+  dw = jnp.moveaxis(dw.reshape((b, cin) + kernels.shape[1:-2] + kernels.shape[-1:]), 1, -2)
+  dx = jnp.einsum("bpq,bcq->bpc", d, w, preferred_element_type=jnp.float32)
+  return dx.reshape(x.shape).astype(x.dtype), dw.astype(kernels.dtype)
+
+
+per_example_narrow_conv.defvjp(_pe_narrow_fwd, _pe_narrow_bwd)
 
 
 def conv_kernel_init(ndims: int):

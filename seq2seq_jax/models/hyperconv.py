@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from seq2seq_jax.models import ops
+from seq2seq_jax.models import conv
 from seq2seq_jax.models.conv import conv_nd, linear_init, zeros
 
 # Official init of `param`: kaiming-normal with torch's fan-in of a [out, in, *k, c_w] tensor,
@@ -44,7 +45,8 @@ class HyperConv(nn.Module):
 
   `s` is `[1, c_s]` (one code for the whole batch, as the official model) or `[n, c_s]` with
   n = batch (one code per example). In the per-example case each example is convolved with its
-  own kernel, as one batched matmul over patches (see `per_example_conv`).
+  own kernel, as one batched matmul over patches (see `per_example_conv`), or for narrow
+  outputs as `conv.per_example_narrow_conv`.
 
   Attributes:
     features: output channels.
@@ -81,5 +83,8 @@ class HyperConv(nn.Module):
     if s.shape[0] != x.shape[0]:
       raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
                        "give one code for the batch or one per example")
-    y = per_example_conv(x, kernels, self.stride)
+    if conv.forward_form(x.shape, kernels.shape[1:], self.stride) == "narrow":
+      y = conv.per_example_narrow_conv(x, kernels)  # e.g. the 3-channel output conv
+    else:
+      y = per_example_conv(x, kernels, self.stride)
     return y + biases.reshape((biases.shape[0],) + (1,) * self.ndims + (self.features,))
