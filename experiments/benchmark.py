@@ -106,35 +106,48 @@ def eval_throughput(model, params, config, n_volumes: int) -> float:
   return 1.0 / float(np.median(times))
 
 
-def main(argv):
-  del argv
-  config = FLAGS.config
+def prepare_host(config) -> None:
+  """CPU host settings from the config; before XLA starts its backend and threads."""
   host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
-  if config.train.cpu_heap_reuse:  # before XLA starts its threads
+  if config.train.cpu_heap_reuse:
     host_memory.reuse_freed_memory()
-  if not FLAGS.perceptual:
-    config.train.lambda_per = 0.0
-  codes = FLAGS.codes
+
+
+def build_step(config, codes: str, t: int = 1):
+  """The jitted train step on one device, a fresh state and a random batch.
+
+  `codes`: 'shared', 'per_example', or 'config' (shared with `train.pair_per_batch`).
+  Returns `(model, state, global batch, step, codes)`.
+  """
   if codes == "config":
     codes = "shared" if config.train.pair_per_batch else "per_example"
   # The step itself must see the codes it is given, [1, c_s] or [b, c_s].
   config.train.pair_per_batch = False
   model = ts.make_model(config)
   mesh = sharding.make_mesh({"data": 1, "spatial": 1})
-  batch = batch_for(config, FLAGS.t, codes)
+  batch = batch_for(config, t, codes)
+  sample = jnp.zeros((1, 1) + batch["src"].shape[2:], jnp.float32)
+  state_sh = ts.state_shardings(mesh, ts.abstract_state(model, config, sample))
+  state = jax.jit(lambda x: ts.init_state(model, config, x), out_shardings=state_sh)(sample)
+  schedule = ts.poly_epoch_schedule(float(config.train.lr), float(config.train.min_lr),
+                                    int(config.train.epochs), 1000)
+  step = ts.make_train_step(model, config, schedule, mesh, state_sh,
+                            {k: v.ndim for k, v in batch.items()})
+  return model, state, sharding.global_batch(mesh, batch), step, codes
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  prepare_host(config)
   vgg = None
   if FLAGS.perceptual:
     vgg = vgg_lib.vgg19_params_from_state_dict(vgg_lib.random_vgg19_state_dict(0))
     config.train.lambda_per = config.train.lambda_per or 0.01
-  sample = jnp.zeros((1, 1) + batch["src"].shape[2:], jnp.float32)
-  abstract = ts.abstract_state(model, config, sample)
-  state_sh = ts.state_shardings(mesh, abstract)
-  state = jax.jit(lambda x: ts.init_state(model, config, x), out_shardings=state_sh)(sample)
-  schedule = ts.poly_epoch_schedule(float(config.train.lr), float(config.train.min_lr),
-                                    int(config.train.epochs), 1000)
-  ndims = {k: v.ndim for k, v in batch.items()}
-  step = ts.make_train_step(model, config, schedule, mesh, state_sh, ndims)
-  gbatch = sharding.global_batch(mesh, batch)
+  else:
+    config.train.lambda_per = 0.0
+  model, state, gbatch, step, codes = build_step(config, FLAGS.codes, FLAGS.t)
+  batch = gbatch
 
   t0 = time.perf_counter()
   compiled = ts.compile_step(step, state, gbatch, vgg)

@@ -26,11 +26,8 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 from experiments import benchmark
-from seq2seq_jax import host_memory
-from seq2seq_jax import sharding
 from seq2seq_jax import train_step as ts
 
 # --config, --steps (traced, after 3 warm-up steps) and --codes are experiments.benchmark's.
@@ -112,25 +109,10 @@ def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int):
 def main(argv):
   del argv
   config = FLAGS.config
-  host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
-  if config.train.cpu_heap_reuse:  # before XLA starts its threads
-    host_memory.reuse_freed_memory()
+  benchmark.prepare_host(config)
   config.train.lambda_per = 0.0
-  codes = FLAGS.codes
-  if codes == "config":
-    codes = "shared" if config.train.pair_per_batch else "per_example"
-  config.train.pair_per_batch = False
-  model = ts.make_model(config)
-  mesh = sharding.make_mesh({"data": 1, "spatial": 1})
-  batch = benchmark.batch_for(config, 1, codes)
-  sample = jnp.zeros((1, 1) + batch["src"].shape[2:], jnp.float32)
-  state_sh = ts.state_shardings(mesh, ts.abstract_state(model, config, sample))
-  state = jax.jit(lambda x: ts.init_state(model, config, x), out_shardings=state_sh)(sample)
-  schedule = ts.poly_epoch_schedule(float(config.train.lr), float(config.train.min_lr),
-                                    int(config.train.epochs), 1000)
-  step = ts.make_train_step(model, config, schedule, mesh, state_sh,
-                            {k: v.ndim for k, v in batch.items()})
-  gbatch = sharding.global_batch(mesh, batch)
+  _, state, gbatch, step, codes = benchmark.build_step(config, FLAGS.codes)
+  batch = gbatch
   compiled = ts.compile_step(step, state, gbatch, None)
   for _ in range(3):
     state, m = compiled(state, gbatch, None)

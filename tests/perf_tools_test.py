@@ -1,0 +1,44 @@
+"""The benchmark and profiler scripts run on the tiny config and print what they promise."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from experiments import profile_step
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(module, *args):
+  out = subprocess.run([sys.executable, "-m", module, f"--config={REPO / 'configs/tiny.py'}",
+                        *args], cwd=REPO, capture_output=True, text=True, check=True)
+  return out.stdout
+
+
+def test_benchmark_prints_one_json_line_with_the_step_figures():
+  row = json.loads(_run("experiments.benchmark", "--steps=2", "--conv_ref=false",
+                        "--codes=shared").strip().splitlines()[-1])
+  assert row["codes"] == "shared" and row["batch"] == [4, 1, 16, 16, 3]
+  assert row["sec_per_step"] > 0 and row["gflop_per_step"] > 0 and row["eval_volumes_per_s"] > 0
+  assert row["xla_temp_mb"] > 0 and row["peak_rss_mb"] > 0
+
+
+def test_profiler_attributes_kernels_to_layers(tmp_path):
+  text = _run("experiments.profile_step", "--steps=1", "--top=200",
+              f"--trace_dir={tmp_path}")
+  assert "ms/step in XLA's executor" in text
+  layers = [l.split(None, 2)[2] for l in text.splitlines() if "%  " in l]
+  # Forward and backward kernels of named layers, e.g. the decoder's output conv.
+  assert any(l.startswith("forward  decoder/conv_last") for l in layers), layers
+  assert any(l.startswith("backward") for l in layers)
+  assert list(tmp_path.glob("*/plugins/profile/*/perfetto_trace.json.gz"))
+
+
+def test_layer_names():
+  assert profile_step.layer_of(
+      "jit(step)/transpose(jvp(Generator.decode))/decoder/conv_last/dot_general") == (
+          "backward decoder/conv_last dot_general")
+  assert profile_step.layer_of("jit(step)/jvp(Generator)/Generator.encode/encoder/conv_0/"
+                               "conv_general_dilated") == "forward  encoder/conv_0 "\
+      "conv_general_dilated"
