@@ -133,10 +133,13 @@ class _TrainBatch:
 
 
 def _shared_pairs(meta: Dict[str, Any], split: str, n_shards: int):
-  """The (src, tgt) pairs that every loader shard has a subject for, and each record's
-  sequences (metadata `present`, in record order; shard s holds records s::n_shards)."""
-  have = [{i for i, p in enumerate(info["present"]) if p}
-          for info in meta["splits"][split]["subjects"]]
+  """The (src, tgt) pairs that every loader shard has a subject for, and each record's usable
+  sequences (metadata: present and available, in record order; shard s holds records
+  s::n_shards)."""
+  have = []
+  for info in meta["splits"][split]["subjects"]:
+    usable = zip(info["present"], info.get("available", info["present"]))
+    have.append({i for i, (p, a) in enumerate(usable) if p and a})
   n = len(meta["sequences"])
   pairs = [(a, b) for a in range(n) for b in range(n)
            if all(any({a, b} <= h for h in have[s::n_shards]) for s in range(n_shards))]
