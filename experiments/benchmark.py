@@ -147,7 +147,6 @@ def main(argv):
   else:
     config.train.lambda_per = 0.0
   model, state, gbatch, step, codes = build_step(config, FLAGS.codes, FLAGS.t)
-  batch = gbatch
 
   t0 = time.perf_counter()
   compiled = ts.compile_step(step, state, gbatch, vgg)
@@ -170,9 +169,9 @@ def main(argv):
       str(FLAGS["config"].config_filename),
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
       "dtype": str(config.train.dtype), "remat": bool(config.train.remat),
-      "codes": codes, "batch": list(batch["src"].shape),
+      "codes": codes, "batch": list(gbatch["src"].shape),
       "sec_per_step": sec, "steps_per_s": 1.0 / sec,
-      "voxels_per_s": float(np.prod(batch["src"].shape)) / sec,
+      "voxels_per_s": float(np.prod(gbatch["src"].shape)) / sec,
       "gflop_per_step": flops / 1e9, "achieved_gflops": flops / 1e9 / sec,
       "compile_s": compile_s,
       # XLA's own buffer plan: live temporaries at the step's peak, and its arguments.

@@ -69,7 +69,8 @@ def main(argv):
   b["peak_rss_mb"] = official_rss
   print(json.dumps(a))
   print(json.dumps(b))
-  print(json.dumps({"config": cfg_path, "speedup_vs_official": b["sec_per_step"] / a["sec_per_step"],
+  print(json.dumps({"config": cfg_path,
+                    "speedup_vs_official": b["sec_per_step"] / a["sec_per_step"],
                     "ours_sec_per_step": a["sec_per_step"],
                     "official_sec_per_step": b["sec_per_step"],
                     "ours_peak_rss_mb": a["peak_rss_mb"], "official_peak_rss_mb": official_rss}))

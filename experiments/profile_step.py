@@ -112,7 +112,6 @@ def main(argv):
   benchmark.prepare_host(config)
   config.train.lambda_per = 0.0
   _, state, gbatch, step, codes = benchmark.build_step(config, FLAGS.codes)
-  batch = gbatch
   compiled = ts.compile_step(step, state, gbatch, None)
   for _ in range(3):
     state, m = compiled(state, gbatch, None)
@@ -131,7 +130,7 @@ def main(argv):
                                                   FLAGS.steps)
   n = FLAGS.steps
   total = sum(by_kind.values())
-  print(f"# {config.model.ndims}D, batch {list(batch['src'].shape)}, codes {codes}: "
+  print(f"# {config.model.ndims}D, batch {list(gbatch['src'].shape)}, codes {codes}: "
         f"{exec_us / n / 1e3:.1f} ms/step in XLA's executor ({wall * 1e3:.1f} ms wall with "
         f"the profiler's own overhead), kernels {total / n / 1e3:.1f} ms/step summed over "
         f"threads, some kernel running {covered / max(exec_us, 1) * 100:.0f}% of the time")

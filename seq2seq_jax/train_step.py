@@ -78,8 +78,9 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
 
   `batch` holds `src`, `tgt` `[b, t, *spatial, c_in]` and `src_code`, `tgt_code` `[b, c_s]`
   (a target per example; with `config.train.pair_per_batch` the loader makes every row the
-  same and the step uses row 0 as the batch's one code). A step whose loss, gradient or learning rate is not finite leaves
-  params and optimizer state untouched and increments `state['nonfinite']`.
+  same and the step uses row 0 as the batch's one code). A step whose loss, gradient or
+  learning rate is not finite leaves params and optimizer state untouched and increments
+  `state['nonfinite']`.
   """
   tc = config.train
   tx = make_optimizer()

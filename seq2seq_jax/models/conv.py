@@ -114,17 +114,23 @@ def shifted_gemm_conv(x: jnp.ndarray, kernel: jnp.ndarray,
   cin, cout = kernel.shape[-2:]
   if any(lo or hi for lo, hi in pads):
     x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
-  out = [n - k + 1 for n in x.shape[1:-1]]
   w = jnp.moveaxis(kernel, -2, 0).reshape(cin, -1)  # [cin, (*k, cout)], offsets row-major
   z = lax.dot_general(x.reshape(-1, cin), w, (((1,), (0,)), ((), ())),
                       preferred_element_type=jnp.float32)
-  z = z.reshape(x.shape[:-1] + (k ** ndims, cout))
+  return _shifted_sum(z.reshape(x.shape[:-1] + (k ** ndims, cout)), k).astype(x.dtype)
+
+
+def _shifted_sum(z: jnp.ndarray, k: int) -> jnp.ndarray:
+  """y[n, p] = sum_o z[n, p + o, o]: `z` `[n, *frame, k^d, cout]` (offsets row-major) →
+  the VALID output `[n, *(frame - k + 1), cout]`; XLA fuses the slices and adds."""
+  ndims = z.ndim - 3
+  out = [n - k + 1 for n in z.shape[1:-2]]
   y = None
   for i, offs in enumerate(itertools.product(range(k), repeat=ndims)):
     sl = tuple(slice(o, o + n) for o, n in zip(offs, out))
     term = z[(slice(None),) + sl + (i, slice(None))]
     y = term if y is None else y + term
-  return y.astype(x.dtype)
+  return y
 
 
 def _dot_t(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
@@ -215,7 +221,7 @@ def per_example_narrow_conv(x: jnp.ndarray, kernels: jnp.ndarray) -> jnp.ndarray
 
 
 def _pe_flat_kernels(kernels):
-  b, cin, cout = kernels.shape[0], kernels.shape[-2], kernels.shape[-1]
+  b, cin = kernels.shape[0], kernels.shape[-2]
   return jnp.moveaxis(kernels, -2, 1).reshape(b, cin, -1)  # [b, cin, (*k, cout)]
 
 
@@ -223,15 +229,9 @@ def _pe_narrow_fwd(x, kernels):
   b, ndims = x.shape[0], x.ndim - 2
   k = kernels.shape[1]
   cin, cout = kernels.shape[-2:]
-  out = [n - k + 1 for n in x.shape[1:-1]]
   z = jnp.einsum("bpc,bcq->bpq", x.reshape(b, -1, cin), _pe_flat_kernels(kernels),
                  preferred_element_type=jnp.float32)
-  z = z.reshape(x.shape[:-1] + (k ** ndims, cout))
-  y = None
-  for i, offs in enumerate(itertools.product(range(k), repeat=ndims)):
-    term = z[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(offs, out)) +
-             (i, slice(None))]
-    y = term if y is None else y + term
+  y = _shifted_sum(z.reshape(x.shape[:-1] + (k ** ndims, cout)), k)
   return y.astype(x.dtype), (x, kernels)
 
 

@@ -26,8 +26,9 @@ class Generator(nn.Module):
 
   `encode`, `decode`, and decode's two halves `decode_hidden` (the code-independent decoder
   ConvLSTM) and `render` (the hyper decoder) are exposed (`method=`), so that several targets
-  can be decoded from one encoding and one decoder-LSTM pass. Attributes are the official config keys (see `models/config.py`), plus the
-  compute `dtype` (params are always float32) and `remat` (recompute blocks in backward).
+  can be decoded from one encoding and one decoder-LSTM pass. Attributes are the official
+  config keys (see `models/config.py`), plus the compute `dtype` (params are always float32)
+  and `remat` (recompute blocks in backward).
   """
   ndims: int
   c_s: int
