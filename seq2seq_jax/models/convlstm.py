@@ -63,6 +63,12 @@ class ConvLSTM(nn.Module):
                           jnp.float32).astype(self.dtype)
       bias = self.param(f"cell_{layer}_bias", zeros, (4 * self.hidden,), jnp.float32)
       k_x, k_h = kernel[..., :c_in, :], kernel[..., c_in:, :]
+      if steps == 1:
+        # One step from a zero state: c = i·g, h = o·tanh(c), so the forget gate's quarter of
+        # the conv is never read; leaving its columns out saves a quarter of the LSTM's conv
+        # work (forward and both gradients). Its params get a zero gradient, as they would.
+        keep = lambda a: jnp.concatenate([a[..., :self.hidden], a[..., 2 * self.hidden:]], -1)
+        k_x, bias = keep(k_x), keep(bias)
       if const_in:
         zx = conv_nd(inputs.astype(self.dtype), k_x, padding=pad) + bias.astype(self.dtype)
         zx_at = lambda t, zx=zx: zx
@@ -75,7 +81,11 @@ class ConvLSTM(nn.Module):
         zx_at = lambda t, zx=zx: zx[:, t]
         zx_rest = jnp.moveaxis(zx[:, 1:], 1, 0)  # time-major for the scan
 
-      i, _, o, g = _gates(zx_at(0).astype(state_dtype), self.hidden)
+      if steps == 1:
+        i, o, g = jnp.split(zx_at(0).astype(state_dtype), 3, axis=-1)
+        i, o, g = jax.nn.sigmoid(i), jax.nn.sigmoid(o), jnp.tanh(g)
+      else:
+        i, _, o, g = _gates(zx_at(0).astype(state_dtype), self.hidden)
       c0 = i * g  # f · c_prev vanishes with c_prev = 0
       h0 = o * jnp.tanh(c0)
 
