@@ -10,6 +10,12 @@ Multi-host (TPU pods, several GPU hosts): pass --multihost so that
 jax.distributed.initialize() runs first (coordinator from the environment or the flags).
 """
 
+if __name__ == "__main__":
+  # Before anything heavy is imported: may restart this process once with glibc malloc's
+  # huge pages on (XLA CPU's per-step buffers then fault in 2 MB at a time; host_memory.py).
+  from seq2seq_jax import host_memory
+  host_memory.use_malloc_huge_pages()
+
 from absl import app
 from absl import flags
 from absl import logging

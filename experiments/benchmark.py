@@ -12,6 +12,10 @@ crop (see experiments/README.md).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # as main.py: time the step as training runs it (host_memory.py)
+  from seq2seq_jax import host_memory as _hm
+  _hm.use_malloc_huge_pages()
+
 import json
 import resource
 import time

@@ -15,6 +15,10 @@ some kernel running.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # as main.py: time the step as training runs it (host_memory.py)
+  from seq2seq_jax import host_memory as _hm
+  _hm.use_malloc_huge_pages()
+
 import collections
 import glob
 import gzip

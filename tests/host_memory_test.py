@@ -1,5 +1,7 @@
 """host_memory: glibc keeps freed pages for reuse (no page faults the second time)."""
 
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -37,3 +39,54 @@ def test_freed_pages_are_reused_instead_of_faulted_in_again():
   pages = (96 << 20) // 4096
   assert second_faults("default") > pages // 2  # a fresh mmap each time: every page faults
   assert second_faults("reuse") < pages // 100
+
+
+_THP_PROBE = """
+import ctypes, os, sys
+from seq2seq_jax import host_memory
+host_memory.use_malloc_huge_pages()  # may re-execute this very script once
+libc = host_memory._libc()
+libc.malloc.restype = ctypes.c_void_p
+p = libc.malloc(96 << 20)  # above glibc's mmap threshold: a mapping of its own
+ctypes.memset(p, 1, 96 << 20)
+eligible = None
+with open("/proc/self/smaps") as f:
+  for line in f:
+    head = line.split()[0]
+    if "-" in head and not head.endswith(":"):
+      lo, hi = (int(v, 16) for v in head.split("-"))
+      inside = lo <= p < hi
+    elif inside and head == "THPeligible:":
+      eligible = int(line.split()[1])
+print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), eligible)
+"""
+
+
+@pytest.mark.skipif(not host_memory.malloc_huge_pages_wanted({}),
+                    reason="needs glibc >= 2.35 on Linux with transparent huge pages")
+def test_entry_points_restart_once_with_malloc_huge_pages(tmp_path):
+  script = tmp_path / "probe.py"
+  script.write_text(_THP_PROBE)
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  env["PYTHONPATH"] = str(pathlib.Path(__file__).resolve().parents[1])
+
+  def run(**extra):
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True, env={**env, **extra})
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1, out.stdout  # restarted at most once, before printing anything
+    words = lines[0].split()  # pid, [GLIBC_TUNABLES], THPeligible
+    return words[1:-1], int(words[-1])
+
+  tunables, eligible = run()
+  assert tunables == ["glibc.malloc.hugetlb=1"]
+  assert eligible == 1  # glibc madvised the block: the kernel may back it with 2 MB pages
+  # A tunable the user set is kept, the huge-page one appended.
+  tunables, eligible = run(GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+  assert tunables == ["glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"] and eligible == 1
+  # Opted out: no restart, and (with THP in madvise mode) the block is not eligible.
+  tunables, eligible = run(SEQ2SEQ_MALLOC_HUGE_PAGES="0")
+  assert tunables == []
+  with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+    if "[madvise]" in f.read():
+      assert eligible == 0
