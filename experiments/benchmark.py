@@ -39,7 +39,7 @@ flags.DEFINE_integer("steps", 5, "Timed steps (after compilation); the median is
 flags.DEFINE_bool("perceptual", False, "Include the perceptual term (random VGG19 weights).")
 flags.DEFINE_enum("codes", "config", ["config", "shared", "per_example"],
                   "One target code for the batch (as the official step) or one per example; "
-                  "config: as training does (shared with config.train.pair_per_batch).")
+                  "config: as training does (shared with config.train.pair_per_batch or batch 1).")
 flags.DEFINE_integer("t", 1, "Images per sequence (phases of a dynamic sequence).")
 flags.DEFINE_bool("conv_ref", True, "Also time one 256-channel 3x3 conv on 48^2 (GFLOP/s).")
 flags.DEFINE_integer("eval_volumes", 1, "Whole volumes to time inference on (0: skip).")
@@ -120,11 +120,13 @@ def prepare_host(config) -> None:
 def build_step(config, codes: str, t: int = 1):
   """The jitted train step on one device, a fresh state and a random batch.
 
-  `codes`: 'shared', 'per_example', or 'config' (shared with `train.pair_per_batch`).
+  `codes`: 'shared', 'per_example', or 'config' (shared with `train.pair_per_batch` or batch 1).
   Returns `(model, state, global batch, step, codes)`.
   """
   if codes == "config":
-    codes = "shared" if config.train.pair_per_batch else "per_example"
+    # With batch 1 a code per example is the batch's one code (brats2d trains so).
+    shared = config.train.pair_per_batch or int(config.train.batch_size) == 1
+    codes = "shared" if shared else "per_example"
   # The step itself must see the codes it is given, [1, c_s] or [b, c_s].
   config.train.pair_per_batch = False
   model = ts.make_model(config)
