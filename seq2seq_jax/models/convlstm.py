@@ -24,7 +24,7 @@ class ConvLSTM(nn.Module):
   a conv is linear, it is split into an input part, computed for all time steps in one batched
   conv before the scan, and a hidden part, the only work left inside the scan. At step 0 the
   hidden state is zero, so that step needs no hidden conv at all: with t = 1 (a plain
-  sequence) the whole LSTM is one conv per layer.
+  sequence) the whole LSTM is one conv per layer, without the forget gate it never reads.
 
   Attributes:
     hidden: channels of h and c (the official `c_lstm`).
