@@ -41,7 +41,8 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   XLA's own convolutions, except where XLA CPU is slow: the forward pass of a narrow-output
   conv (e.g. the 3-channel 7×7 output conv: 30-40× faster as `shifted_gemm_conv`) and the
   kernel gradient of wide and narrow layers (`kernel_grad`, GEMMs: 2-3× faster for wide
-  layers, up to 100× for the output conv). The input gradient is always XLA's.
+  layers, up to 100× for the output conv). The input gradient is always XLA's. 3D convs are
+  2D convs over depth slices (`depth_folded_conv`), so they get the same forms.
   """
   ndims = x.ndim - 2
   if isinstance(padding, str):
@@ -49,11 +50,55 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
       raise ValueError(f"conv_nd takes 'VALID' or explicit (lo, hi) pads, not {padding!r}")
     padding = ((0, 0),) * ndims
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if ndims == 3:
+    return depth_folded_conv(x, kernel, stride, pads)
   fwd = forward_form(x.shape, kernel.shape, stride)
   grad = _grad_form(x.shape, kernel.shape, stride)
   if fwd == grad == "xla":
     return _xla_conv(x, kernel, stride, pads)  # no custom VJP: nothing to gain, fusion intact
   return _conv(x, kernel, stride, pads, fwd, grad)
+
+
+def depth_folded_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
+                      pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
+  """A 3D conv as a 2D conv of depth slices: y[d] = sum_j conv2d(x[stride·d + j], W[j]).
+
+  XLA CPU runs 3D convolutions at 1-20 GFLOP/s and their strided input gradients far slower
+  (1.8 s for the 16→32 stride-2 conv at 64³ against 26 ms this way; experiments/README.md).
+  Depth slices are folded into the batch, depth-major (so a depth-sharded volume stays
+  sharded), and the k depth offsets j into channels:
+  - stride 1: into the input channels, the k shifted slices side by side (one 2D conv with
+    k·cin inputs, which XLA runs faster than k·cout outputs and with less memory);
+  - stride > 1: into the output channels, one 2D conv per residue of j mod stride (a slice
+    is read by the offsets of one residue only, so no product is wasted), then a sum of
+    depth-shifted channel groups (stacking inputs would copy the volume k/stride times).
+  The 2D conv brings its own fast forms, and autodiff of this composition gives both
+  gradients through them.
+  """
+  (dlo, dhi), plane_pads = pads[0], tuple(pads[1:])
+  if dlo or dhi:
+    x = jnp.pad(x, ((0, 0), (dlo, dhi), (0, 0), (0, 0), (0, 0)))
+  b, depth = x.shape[:2]
+  k, cin, cout = kernel.shape[0], kernel.shape[-2], kernel.shape[-1]
+  out_depth = (depth - k) // stride + 1
+  fold = lambda a: jnp.moveaxis(a, 1, 0).reshape((-1,) + a.shape[2:])
+  unfold = lambda a: jnp.moveaxis(a.reshape((-1, b) + a.shape[1:]), 0, 1)
+  if stride == 1:
+    stacked = jnp.concatenate([x[:, j:j + out_depth] for j in range(k)], -1)
+    w = jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1:3] + (k * cin, cout))
+    return unfold(conv_nd(fold(stacked), w, 1, plane_pads))
+  y = None
+  for r in range(min(stride, k)):
+    offsets = range(r, k, stride)
+    n = out_depth + len(offsets) - 1  # the slices r, r + stride, ... that these offsets read
+    xr = lax.slice_in_dim(x, r, r + stride * (n - 1) + 1, stride, axis=1)
+    z = conv_nd(fold(xr), jnp.concatenate([kernel[j] for j in offsets], -1), stride,
+                plane_pads)
+    z = unfold(z.reshape(z.shape[:-1] + (len(offsets), cout)))
+    for i in range(len(offsets)):
+      term = z[:, i:i + out_depth, ..., i, :]
+      y = term if y is None else y + term
+  return y
 
 
 def _forward(x, kernel, stride, pads, fwd):
@@ -107,7 +152,7 @@ def shifted_gemm_conv(x: jnp.ndarray, kernel: jnp.ndarray,
 
   The GEMM `[pixels, cin] @ [cin, k^d·cout]` does all the multiply-adds; the sum over the k^d
   offsets reads cout-channel slices and fuses into one pass. Products are accumulated in
-  float32 (bf16 inputs too) and cast back to x's dtype.
+  float32 (bf16 inputs too; float64 for float64) and cast back to x's dtype.
   """
   ndims = x.ndim - 2
   k = kernel.shape[0]
@@ -116,7 +161,7 @@ def shifted_gemm_conv(x: jnp.ndarray, kernel: jnp.ndarray,
     x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
   w = jnp.moveaxis(kernel, -2, 0).reshape(cin, -1)  # [cin, (*k, cout)], offsets row-major
   z = lax.dot_general(x.reshape(-1, cin), w, (((1,), (0,)), ((), ())),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=_acc(x))
   return _shifted_sum(z.reshape(x.shape[:-1] + (k ** ndims, cout)), k).astype(x.dtype)
 
 
@@ -134,8 +179,13 @@ def _shifted_sum(z: jnp.ndarray, k: int) -> jnp.ndarray:
 
 
 def _dot_t(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-  """a^T @ b over a's and b's leading (row) axis, accumulated in float32."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  """a^T @ b over a's and b's leading (row) axis, accumulated in float32 (float64 for float64)."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_acc(a))
+
+
+def _acc(a: jnp.ndarray):
+  """The accumulation dtype: float32 for float32 and narrower inputs, float64 for float64."""
+  return jnp.promote_types(a.dtype, jnp.float32)
 
 
 def _grad_form(x_shape, kernel_shape, stride: int) -> str:
@@ -145,9 +195,7 @@ def _grad_form(x_shape, kernel_shape, stride: int) -> str:
   cin, cout = kernel_shape[-2:]
   rows = x_shape[0] * math.prod(-(-n // stride) for n in x_shape[1:-1])
   if ndims != 2:
-    # 3D: k³ = 27+ shifted copies cost more memory than they save time (the spatially sharded
-    # 64×32×32 test step's temporaries grew 4×); XLA's own there.
-    return "xla"
+    return "xla"  # 3D convs reach here only as `depth_folded_conv`'s 2D convs
   # Narrow: fewer outputs than inputs over 16k rows; a quarter or fewer over 8k rows (the toy
   # model's 32→3 output conv at 8 × 32²: 1.8 vs 2.9 ms).
   few = cout < cin and rows >= 1 << 14 or 4 * cout <= cin and rows >= 1 << 13
@@ -230,7 +278,7 @@ def _pe_narrow_fwd(x, kernels):
   k = kernels.shape[1]
   cin, cout = kernels.shape[-2:]
   z = jnp.einsum("bpc,bcq->bpq", x.reshape(b, -1, cin), _pe_flat_kernels(kernels),
-                 preferred_element_type=jnp.float32)
+                 preferred_element_type=_acc(x))
   y = _shifted_sum(z.reshape(x.shape[:-1] + (k ** ndims, cout)), k)
   return y.astype(x.dtype), (x, kernels)
 
@@ -241,9 +289,9 @@ def _pe_narrow_bwd(res, dy):
   d = _shifted_columns(dy, kernels.shape[1], x.shape[1:-1])
   d = d.reshape(b, -1, d.shape[-1])
   w = _pe_flat_kernels(kernels)
-  dw = jnp.einsum("bpc,bpq->bcq", x.reshape(b, -1, cin), d, preferred_element_type=jnp.float32)
+  dw = jnp.einsum("bpc,bpq->bcq", x.reshape(b, -1, cin), d, preferred_element_type=_acc(x))
   dw = jnp.moveaxis(dw.reshape((b, cin) + kernels.shape[1:-2] + kernels.shape[-1:]), 1, -2)
-  dx = jnp.einsum("bpq,bcq->bpc", d, w, preferred_element_type=jnp.float32)
+  dx = jnp.einsum("bpq,bcq->bpc", d, w, preferred_element_type=_acc(x))
   return dx.reshape(x.shape).astype(x.dtype), dw.astype(kernels.dtype)
 
 
