@@ -42,6 +42,7 @@ from seq2seq_jax import sharding  # noqa: E402
 from seq2seq_jax import train_step as ts  # noqa: E402
 from seq2seq_jax.losses import seq2seq_objective  # noqa: E402
 from seq2seq_jax.models import total_stride  # noqa: E402
+from seq2seq_jax.models import conv3d  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config with a 3D model.", lock_config=True)
@@ -51,14 +52,17 @@ flags.DEFINE_float("budget_gb", 0.0, "Per-device memory budget for the largest-v
 flags.mark_flag_as_required("config")
 
 
-def step_fn(model, c_s):
+def step_fn(model, c_s, spatial_shards: int):
   cs = jnp.eye(c_s, dtype=jnp.float32)[:1]
   ct = jnp.eye(c_s, dtype=jnp.float32)[1:2]
 
   def f(params, x):
-    (loss, _), grads = jax.value_and_grad(
-        lambda p: seq2seq_objective(model, {"params": p}, x, x, cs, ct), has_aux=True)(params)
-    out = model.apply({"params": params}, x, ct, n_outseq=1)
+    # As the train step: depth chunks only where the depth is not sharded.
+    with conv3d.depth_chunking(spatial_shards == 1):
+      (loss, _), grads = jax.value_and_grad(
+          lambda p: seq2seq_objective(model, {"params": p}, x, x, cs, ct),
+          has_aux=True)(params)
+      out = model.apply({"params": params}, x, ct, n_outseq=1)
     return loss, grads, out
   return jax.jit(f)
 
@@ -70,7 +74,7 @@ def compiled_for(model, params, shape, n, c_s):
   p = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
       params)
-  return step_fn(model, c_s).lower(p, x).compile(), mesh
+  return step_fn(model, c_s, n).lower(p, x).compile(), mesh
 
 
 def per_device_bytes(compiled) -> int:

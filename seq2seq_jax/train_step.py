@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from seq2seq_jax import sharding
 from seq2seq_jax.losses import seq2seq_objective
 from seq2seq_jax.models import Generator
+from seq2seq_jax.models import conv3d
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -84,6 +85,8 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
   """
   tc = config.train
   tx = make_optimizer()
+  # 3D convs in depth chunks would gather a depth-sharded volume onto every device.
+  depth_chunks = int(mesh.shape.get("spatial", 1)) == 1
 
   def step(state, batch, vgg):
     src_code, tgt_code = batch["src_code"], batch["tgt_code"]
@@ -96,7 +99,8 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
           lambda_rec=tc.lambda_rec, lambda_cyc=tc.lambda_cyc, lambda_per=tc.lambda_per,
           vgg=vgg)
 
-    (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    with conv3d.depth_chunking(depth_chunks):
+      (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     lr = schedule(state["step"])
     opt_state = state["opt_state"]
     opt_state.hyperparams["learning_rate"] = lr

@@ -74,6 +74,41 @@ def test_3d_depth_folded_conv_equals_xla(case):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+@pytest.mark.parametrize("case", [c for c in CASES_3D if c[4] == 1],
+                         ids=lambda c: "x".join(map(str, c[:5])))
+def test_3d_depth_chunked_conv_equals_xla(case, monkeypatch):
+  """The chunked path (lax.map over output depth, its own VJP) on every stride-1 case."""
+  from seq2seq_jax.models import conv3d
+  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
+  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 1)
+  spatial, cin, cout, k, stride, pads = case
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2,) + spatial + (cin,)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k,) * 3 + (cin, cout)) * 0.1, jnp.float32)
+  f = lambda a, b: conv.conv_nd(a, b, stride, pads)
+  assert conv3d.chunk_size(x.shape, w.shape, stride, pads) == 1
+  assert "scan" in str(jax.make_jaxpr(f)(x, w))  # lax.map
+  with conv3d.depth_chunking(False):  # a new function: jax caches traces by function
+    assert "scan" not in str(jax.make_jaxpr(lambda a, b: f(a, b))(x, w))
+  y_ref, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, stride, pads), x, w)
+  y, vjp = jax.vjp(f, x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_3d_chunk_size_policy():
+  """brats3d at 64³: the 32→16 and 16→1 decoder convs chunk (≥ 16k rows a chunk), the
+  strided and small layers do not."""
+  from seq2seq_jax.models import conv3d
+  no_pad = ((0, 0),) * 3
+  assert conv3d.chunk_size((1, 66, 66, 66, 32), (3, 3, 3, 32, 16), 1, no_pad) == 4
+  assert conv3d.chunk_size((1, 68, 68, 68, 16), (5, 5, 5, 16, 1), 1, no_pad) == 4
+  assert conv3d.chunk_size((1, 66, 66, 66, 16), (3, 3, 3, 16, 32), 2, no_pad) is None
+  assert conv3d.chunk_size((1, 18, 18, 18, 64), (3, 3, 3, 64, 64), 1, no_pad) is None
+
+
 def test_bf16_kernel_gradient_dtype_and_value():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 64, 64, 64)), jnp.bfloat16)

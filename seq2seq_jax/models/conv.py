@@ -42,7 +42,7 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   conv (e.g. the 3-channel 7×7 output conv: 30-40× faster as `shifted_gemm_conv`) and the
   kernel gradient of wide and narrow layers (`kernel_grad`, GEMMs: 2-3× faster for wide
   layers, up to 100× for the output conv). The input gradient is always XLA's. 3D convs are
-  2D convs over depth slices (`depth_folded_conv`), so they get the same forms.
+  2D convs over depth slices (`conv3d.conv3d`), so they get the same forms.
   """
   ndims = x.ndim - 2
   if isinstance(padding, str):
@@ -51,54 +51,13 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
     padding = ((0, 0),) * ndims
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   if ndims == 3:
-    return depth_folded_conv(x, kernel, stride, pads)
+    from seq2seq_jax.models import conv3d  # conv3d builds on this module's 2D convs
+    return conv3d.conv3d(x, kernel, stride, pads)
   fwd = forward_form(x.shape, kernel.shape, stride)
   grad = _grad_form(x.shape, kernel.shape, stride)
   if fwd == grad == "xla":
     return _xla_conv(x, kernel, stride, pads)  # no custom VJP: nothing to gain, fusion intact
   return _conv(x, kernel, stride, pads, fwd, grad)
-
-
-def depth_folded_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
-                      pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
-  """A 3D conv as a 2D conv of depth slices: y[d] = sum_j conv2d(x[stride·d + j], W[j]).
-
-  XLA CPU runs 3D convolutions at 1-20 GFLOP/s and their strided input gradients far slower
-  (1.8 s for the 16→32 stride-2 conv at 64³ against 26 ms this way; experiments/README.md).
-  Depth slices are folded into the batch, depth-major (so a depth-sharded volume stays
-  sharded), and the k depth offsets j into channels:
-  - stride 1: into the input channels, the k shifted slices side by side (one 2D conv with
-    k·cin inputs, which XLA runs faster than k·cout outputs and with less memory);
-  - stride > 1: into the output channels, one 2D conv per residue of j mod stride (a slice
-    is read by the offsets of one residue only, so no product is wasted), then a sum of
-    depth-shifted channel groups (stacking inputs would copy the volume k/stride times).
-  The 2D conv brings its own fast forms, and autodiff of this composition gives both
-  gradients through them.
-  """
-  (dlo, dhi), plane_pads = pads[0], tuple(pads[1:])
-  if dlo or dhi:
-    x = jnp.pad(x, ((0, 0), (dlo, dhi), (0, 0), (0, 0), (0, 0)))
-  b, depth = x.shape[:2]
-  k, cin, cout = kernel.shape[0], kernel.shape[-2], kernel.shape[-1]
-  out_depth = (depth - k) // stride + 1
-  fold = lambda a: jnp.moveaxis(a, 1, 0).reshape((-1,) + a.shape[2:])
-  unfold = lambda a: jnp.moveaxis(a.reshape((-1, b) + a.shape[1:]), 0, 1)
-  if stride == 1:
-    stacked = jnp.concatenate([x[:, j:j + out_depth] for j in range(k)], -1)
-    w = jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1:3] + (k * cin, cout))
-    return unfold(conv_nd(fold(stacked), w, 1, plane_pads))
-  y = None
-  for r in range(min(stride, k)):
-    offsets = range(r, k, stride)
-    n = out_depth + len(offsets) - 1  # the slices r, r + stride, ... that these offsets read
-    xr = lax.slice_in_dim(x, r, r + stride * (n - 1) + 1, stride, axis=1)
-    z = conv_nd(fold(xr), jnp.concatenate([kernel[j] for j in offsets], -1), stride,
-                plane_pads)
-    z = unfold(z.reshape(z.shape[:-1] + (len(offsets), cout)))
-    for i in range(len(offsets)):
-      term = z[:, i:i + out_depth, ..., i, :]
-      y = term if y is None else y + term
-  return y
 
 
 def _forward(x, kernel, stride, pads, fwd):

@@ -1,0 +1,181 @@
+"""3D convolutions as 2D convolutions of depth slices (XLA CPU's 3D convs are slow).
+
+XLA CPU runs 3D convolutions at 1-20 GFLOP/s and the input gradients of strided ones far
+slower: the 16→32 stride-2 conv of `configs/brats3d.py` at 64³ takes 1.8 s for its input
+gradient, 26 ms as folded 2D convs here (experiments/README.md, "3D"). With
+y[d] = sum_j conv2d(x[stride·d + j], W[j]) the depth slices go into the 2D conv's batch
+(depth-major, so that a depth-sharded volume stays sharded) and the k depth offsets j into
+its channels, so the 2D forms of `conv.conv_nd` serve 3D too.
+
+Large stride-1 layers (the decoder's at full resolution) run in chunks of output depth
+under `lax.map`, with a custom VJP that maps over the same chunks: XLA's 2D conv is faster on
+a few slices than on a batch of 64, and a chunk's stacked inputs and GEMM columns stay small
+(brats3d: XLA temporaries 2.19 → 1.14 GB at the same step time). Chunking would gather a depth-sharded volume onto
+every device, so spatially sharded steps turn it off (`depth_chunking(False)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from typing import Iterator, Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from seq2seq_jax.models import conv
+
+_CHUNKING = contextvars.ContextVar("seq2seq_jax_depth_chunking", default=True)
+
+# Chunk when a layer's stacked inputs exceed this (the 32→16 decoder conv at 64³: 107 MB).
+STACK_BYTES_TO_CHUNK = 16 << 20
+# Rows (slices × pixels) per chunk at least: with fewer, the 2D kernel gradients fall back
+# to XLA's, 10× slower on these shapes (e.g. 4,096 rows of the 32→16 conv: 3.4 s a step).
+MIN_CHUNK_ROWS = 1 << 14
+
+
+@contextlib.contextmanager
+def depth_chunking(enabled: bool) -> Iterator[None]:
+  """Whether 3D convs traced inside may run in depth chunks (off for depth-sharded steps)."""
+  token = _CHUNKING.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _CHUNKING.reset(token)
+
+
+def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
+           pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
+  """`conv.conv_nd` for `x` `[b, d, h, w, cin]`, `kernel` `[k, k, k, cin, cout]`, zero pads."""
+  chunk = chunk_size(x.shape, kernel.shape, stride, pads) if _CHUNKING.get() else None
+  if chunk is None:
+    return depth_folded_conv(x, kernel, stride, pads)
+  x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
+  return _chunked_conv(x, kernel, chunk)
+
+
+def chunk_size(x_shape, kernel_shape, stride: int,
+               pads: Sequence[tuple[int, int]]) -> int | None:
+  """Output slices per chunk for a stride-1 conv with large stacked inputs, else None."""
+  k, cin = kernel_shape[0], kernel_shape[-2]
+  b = x_shape[0]
+  padded = [n + lo + hi for n, (lo, hi) in zip(x_shape[1:-1], pads)]
+  out = [n - k + 1 for n in padded]
+  stack_bytes = b * out[0] * padded[1] * padded[2] * k * cin * 4
+  if stride != 1 or stack_bytes <= STACK_BYTES_TO_CHUNK:
+    return None
+  return _chunk_for(out[0], b * out[1] * out[2])
+
+
+def _chunk_for(depth: int, rows_per_slice: int) -> int | None:
+  """The smallest divisor of `depth` with at least MIN_CHUNK_ROWS rows; None if only depth."""
+  for c in range(1, depth):
+    if depth % c == 0 and c * rows_per_slice >= MIN_CHUNK_ROWS:
+      return c
+  return None
+
+
+def depth_folded_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
+                      pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
+  """The whole volume as one folded 2D conv (per residue of the depth offset for stride > 1).
+
+  - stride 1: the k depth offsets go into the input channels, the k shifted slices side by
+    side (one 2D conv with k·cin inputs, faster in XLA than k·cout outputs and leaner);
+  - stride > 1: into the output channels, one 2D conv per residue of j mod stride (a slice
+    is read by the offsets of one residue only, so no product is wasted), then a sum of
+    depth-shifted channel groups (stacking inputs would copy the volume k/stride times).
+  Autodiff of this composition gives both gradients through the 2D convs' forms.
+  """
+  (dlo, dhi), plane_pads = pads[0], tuple(pads[1:])
+  if dlo or dhi:
+    x = jnp.pad(x, ((0, 0), (dlo, dhi), (0, 0), (0, 0), (0, 0)))
+  b, depth = x.shape[:2]
+  k, cout = kernel.shape[0], kernel.shape[-1]
+  out_depth = (depth - k) // stride + 1
+  unfold = lambda a: jnp.moveaxis(a.reshape((-1, b) + a.shape[1:]), 0, 1)
+  if stride == 1:
+    return unfold(conv.conv_nd(_stacked(x, k, out_depth), _stacked_kernel(kernel), 1,
+                               plane_pads))
+  y = None
+  for r in range(min(stride, k)):
+    offsets = range(r, k, stride)
+    n = out_depth + len(offsets) - 1  # the slices r, r + stride, ... that these offsets read
+    xr = lax.slice_in_dim(x, r, r + stride * (n - 1) + 1, stride, axis=1)
+    z = conv.conv_nd(_fold(xr), jnp.concatenate([kernel[j] for j in offsets], -1), stride,
+                     plane_pads)
+    z = unfold(z.reshape(z.shape[:-1] + (len(offsets), cout)))
+    for i in range(len(offsets)):
+      term = z[:, i:i + out_depth, ..., i, :]
+      y = term if y is None else y + term
+  return y
+
+
+def _fold(a: jnp.ndarray) -> jnp.ndarray:
+  """`[b, d, ...]` → `[d·b, ...]`, depth-major."""
+  return jnp.moveaxis(a, 1, 0).reshape((-1,) + a.shape[2:])
+
+
+def _stacked(x: jnp.ndarray, k: int, out_depth: int) -> jnp.ndarray:
+  """The k depth-shifted views side by side on channels, folded: `[out_depth·b, h, w, k·c]`."""
+  return _fold(jnp.concatenate([x[:, j:j + out_depth] for j in range(k)], -1))
+
+
+def _stacked_kernel(kernel: jnp.ndarray) -> jnp.ndarray:
+  """`[k, kh, kw, cin, cout]` → `[kh, kw, k·cin, cout]`, matching `_stacked`'s channels."""
+  k, cin, cout = kernel.shape[0], kernel.shape[-2], kernel.shape[-1]
+  return jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1:3] + (k * cin, cout))
+
+
+def _chunk_map(fn, x: jnp.ndarray, k: int, chunk: int, out_depth: int):
+  """`fn(stacked chunk, start)` over output-depth chunks of a VALID stride-1 conv of x."""
+  def body(start):
+    xs = lax.dynamic_slice_in_dim(x, start, chunk + k - 1, axis=1)
+    return fn(_stacked(xs, k, chunk), start)
+  return lax.map(body, jnp.arange(out_depth // chunk) * chunk)
+
+
+def _map_conv(x: jnp.ndarray, kernel: jnp.ndarray, chunk: int | None) -> jnp.ndarray:
+  """VALID stride-1 conv, chunk output slices at a time (all at once for None)."""
+  b, k = x.shape[0], kernel.shape[0]
+  out_depth = x.shape[1] - k + 1
+  if chunk is None:
+    return depth_folded_conv(x, kernel, 1, ((0, 0),) * 3)
+  w = _stacked_kernel(kernel)
+  y = _chunk_map(lambda st, _: conv.conv_nd(st, w, 1), x, k, chunk, out_depth)
+  y = y.reshape((out_depth, b) + y.shape[2:])  # chunks are depth-major inside
+  return jnp.moveaxis(y, 0, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _chunked_conv(x: jnp.ndarray, kernel: jnp.ndarray, chunk: int) -> jnp.ndarray:
+  return _map_conv(x, kernel, chunk)
+
+
+def _chunked_fwd(x, kernel, chunk):
+  return _map_conv(x, kernel, chunk), (x, kernel)
+
+
+def _chunked_bwd(chunk, res, dy):
+  x, kernel = res
+  b, k = x.shape[0], kernel.shape[0]
+  # dx: the full correlation of dy with the flipped kernel, ins and outs swapped: itself a
+  # VALID stride-1 conv, chunked over the input's depth.
+  dy_pad = jnp.pad(dy, ((0, 0),) + ((k - 1, k - 1),) * 3 + ((0, 0),))
+  flipped = jnp.flip(kernel, (0, 1, 2)).swapaxes(-1, -2)
+  dx = _map_conv(dy_pad, flipped, _chunk_for(x.shape[1], b * math.prod(x.shape[2:4])))
+
+  # dW: the stacked 2D conv's kernel gradient per chunk (its GEMM forms), summed.
+  w = _stacked_kernel(kernel)
+  def chunk_grad(st, start):
+    d = _fold(lax.dynamic_slice_in_dim(dy, start, chunk, axis=1))
+    return jax.vjp(lambda w_: conv.conv_nd(st, w_, 1), w)[1](d)[0]
+  gw = _chunk_map(chunk_grad, x, k, chunk, dy.shape[1]).sum(0)
+  cin, cout = kernel.shape[-2:]
+  dw = jnp.moveaxis(gw.reshape(kernel.shape[1:3] + (k, cin, cout)), 2, 0)
+  return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_chunked_conv.defvjp(_chunked_fwd, _chunked_bwd)
