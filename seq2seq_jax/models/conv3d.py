@@ -1,17 +1,17 @@
 """3D convolutions as 2D convolutions of depth slices (XLA CPU's 3D convs are slow).
 
-XLA CPU runs 3D convolutions at 1-20 GFLOP/s and the input gradients of strided ones far
+XLA CPU runs 3D convolutions at 1-20 GFLOP/s, and the input gradients of strided ones far
 slower: the 16→32 stride-2 conv of `configs/brats3d.py` at 64³ takes 1.8 s for its input
-gradient, 26 ms as folded 2D convs here (experiments/README.md, "3D"). With
-y[d] = sum_j conv2d(x[stride·d + j], W[j]) the depth slices go into the 2D conv's batch
-(depth-major, so that a depth-sharded volume stays sharded) and the k depth offsets j into
-its channels, so the 2D forms of `conv.conv_nd` serve 3D too.
+gradient, 74 ms for both gradients as folded 2D convs here (experiments/README.md, "3D").
+With y[d] = sum_j conv2d(x[stride·d + j], W[j]) the depth slices go into the 2D conv's
+batch (depth-major, so that a depth-sharded volume stays sharded) and the k depth offsets j
+into its channels, so the 2D forms of `conv.conv_nd` serve 3D too.
 
 Large stride-1 layers (the decoder's at full resolution) run in chunks of output depth
-under `lax.map`, with a custom VJP that maps over the same chunks: XLA's 2D conv is faster on
-a few slices than on a batch of 64, and a chunk's stacked inputs and GEMM columns stay small
-(brats3d: XLA temporaries 2.19 → 1.14 GB at the same step time). Chunking would gather a depth-sharded volume onto
-every device, so spatially sharded steps turn it off (`depth_chunking(False)`).
+under `lax.map`, with a custom VJP that maps over the same chunks, so a chunk's stacked
+inputs and GEMM columns stay small (brats3d: XLA temporaries 2.19 → 1.14 GB at the same
+step time). Chunking would gather a depth-sharded volume onto every device, so spatially
+sharded steps turn it off (`depth_chunking(False)`).
 """
 
 from __future__ import annotations
