@@ -89,7 +89,9 @@ def test_3d_depth_chunked_conv_equals_xla(case, monkeypatch):
   assert conv3d.chunk_size(x.shape, w.shape, stride, pads) == 1
   assert "scan" in str(jax.make_jaxpr(f)(x, w))  # lax.map
   with conv3d.depth_chunking(False):  # a new function: jax caches traces by function
-    assert "scan" not in str(jax.make_jaxpr(lambda a, b: f(a, b))(x, w))
+    off = jax.make_jaxpr(lambda a, b: f(a, b))(x, w)
+    convs = [e for e in off.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert "scan" not in str(off) and [e.invars[0].aval.ndim for e in convs] == [5]  # XLA 3D
   y_ref, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, stride, pads), x, w)
   y, vjp = jax.vjp(f, x, w)
   np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))

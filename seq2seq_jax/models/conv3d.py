@@ -11,7 +11,9 @@ Large stride-1 layers (the decoder's at full resolution) run in chunks of output
 under `lax.map`, with a custom VJP that maps over the same chunks, so a chunk's stacked
 inputs and GEMM columns stay small (brats3d: XLA temporaries 2.19 → 1.14 GB at the same
 step time). Chunking would gather a depth-sharded volume onto every device, so spatially
-sharded steps turn it off (`depth_chunking(False)`).
+sharded steps turn it off (`depth_chunking(False)`), and those layers are XLA's own 3D conv
+there: unchunked, the folded forms' whole-volume temporaries cut the largest volume that
+fits (experiments/README.md, "3D").
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ MIN_CHUNK_ROWS = 1 << 14
 
 @contextlib.contextmanager
 def depth_chunking(enabled: bool) -> Iterator[None]:
-  """Whether 3D convs traced inside may run in depth chunks (off for depth-sharded steps)."""
+  """Whether 3D convs traced inside may run in depth chunks (off for depth-sharded steps,
+  where the layers that would be chunked use XLA's 3D conv)."""
   token = _CHUNKING.set(bool(enabled))
   try:
     yield
@@ -50,9 +53,13 @@ def depth_chunking(enabled: bool) -> Iterator[None]:
 def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
            pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
   """`conv.conv_nd` for `x` `[b, d, h, w, cin]`, `kernel` `[k, k, k, cin, cout]`, zero pads."""
-  chunk = chunk_size(x.shape, kernel.shape, stride, pads) if _CHUNKING.get() else None
+  chunk = chunk_size(x.shape, kernel.shape, stride, pads)
   if chunk is None:
     return depth_folded_conv(x, kernel, stride, pads)
+  if not _CHUNKING.get():
+    # Depth-sharded: unchunked, this layer's stacked slices and GEMM columns would be
+    # whole-volume temporaries; XLA's own conv is slower but needs none.
+    return conv._xla_conv(x, kernel, stride, pads)
   x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
   return _chunked_conv(x, kernel, chunk)
 
