@@ -154,7 +154,7 @@ def _grad_form(x_shape, kernel_shape, stride: int) -> str:
   cin, cout = kernel_shape[-2:]
   rows = x_shape[0] * math.prod(-(-n // stride) for n in x_shape[1:-1])
   if ndims != 2:
-    return "xla"  # 3D convs reach here only as `depth_folded_conv`'s 2D convs
+    return "xla"  # never reached by 3D convs: conv_nd sends them to conv3d (2D convs)
   # Narrow: fewer outputs than inputs over 16k rows; a quarter or fewer over 8k rows (the toy
   # model's 32→3 output conv at 8 × 32²: 1.8 vs 2.9 ms).
   few = cout < cin and rows >= 1 << 14 or 4 * cout <= cin and rows >= 1 << 13

@@ -71,7 +71,7 @@ def chunk_size(x_shape, kernel_shape, stride: int,
   b = x_shape[0]
   padded = [n + lo + hi for n, (lo, hi) in zip(x_shape[1:-1], pads)]
   out = [n - k + 1 for n in padded]
-  stack_bytes = b * out[0] * padded[1] * padded[2] * k * cin * 4
+  stack_bytes = b * out[0] * padded[1] * padded[2] * k * cin * 4  # as float32 (a heuristic)
   if stride != 1 or stack_bytes <= STACK_BYTES_TO_CHUNK:
     return None
   return _chunk_for(out[0], b * out[1] * out[2])
