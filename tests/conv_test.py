@@ -76,17 +76,24 @@ def test_3d_depth_folded_conv_equals_xla(case):
 
 @pytest.mark.parametrize("case", [c for c in CASES_3D if c[4] == 1],
                          ids=lambda c: "x".join(map(str, c[:5])))
-def test_3d_depth_chunked_conv_equals_xla(case, monkeypatch):
-  """The chunked path (lax.map over output depth, its own VJP) on every stride-1 case."""
+@pytest.mark.parametrize("smallest", [True, False], ids=["chunk1", "chunk2+"])
+def test_3d_depth_chunked_conv_equals_xla(case, smallest, monkeypatch):
+  """The chunked path (lax.map over output depth, its own VJP) on every stride-1 case, with
+  chunks of one slice and of the smallest divisor above one (below k - 1 for the k = 5
+  cases, so that a chunk's input gradient spills over more than the next chunk)."""
   from seq2seq_jax.models import conv3d
-  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
-  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 1)
   spatial, cin, cout, k, stride, pads = case
+  out_depth, out_h, out_w = (n + lo + hi - k + 1 for n, (lo, hi) in zip(spatial, pads))
+  chunk = 1 if smallest else min(c for c in range(2, out_depth + 1) if out_depth % c == 0)
+  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
+  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", chunk * 2 * out_h * out_w)
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((2,) + spatial + (cin,)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k,) * 3 + (cin, cout)) * 0.1, jnp.float32)
   f = lambda a, b: conv.conv_nd(a, b, stride, pads)
-  assert conv3d.chunk_size(x.shape, w.shape, stride, pads) == 1
+  if chunk == out_depth:
+    pytest.skip("one chunk is the whole volume")
+  assert conv3d.chunk_size(x.shape, w.shape, stride, pads) == chunk
   assert "scan" in str(jax.make_jaxpr(f)(x, w))  # lax.map
   with conv3d.depth_chunking(False):  # a new function: jax caches traces by function
     off = jax.make_jaxpr(lambda a, b: f(a, b))(x, w)
