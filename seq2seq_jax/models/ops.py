@@ -6,6 +6,7 @@ XLA fuses them with the surrounding convolutions.
 
 from __future__ import annotations
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -41,11 +42,14 @@ def maybe_norm(x: jnp.ndarray, norm: str | None) -> jnp.ndarray:
   return instance_norm(x) if norm == "InstanceNorm" else x
 
 
+@jax.custom_vjp
 def upsample2x(x: jnp.ndarray) -> jnp.ndarray:
   """×2 (bi/tri)linear upsampling of every spatial axis, align_corners=False.
 
   Separable per axis: output 2i = .25·x[i-1] + .75·x[i], 2i+1 = .75·x[i] + .25·x[i+1], with
-  edge replication at the borders, which is what torch's clamped source index gives.
+  edge replication at the borders, which is what torch's clamped source index gives. The
+  gradient is one fused pass per axis (`_upsample_axis_t`); autodiff of the slices and
+  concatenations took 1.7× longer (64³ × 32 channels: 69 vs 40 ms).
   """
   for axis in range(1, x.ndim - 1):
     n = x.shape[axis]
@@ -58,3 +62,30 @@ def upsample2x(x: jnp.ndarray) -> jnp.ndarray:
     y = jnp.stack([even, odd], axis=axis + 1)
     x = y.reshape(x.shape[:axis] + (2 * n,) + x.shape[axis + 1:])
   return x
+
+
+def _upsample_axis_t(dy: jnp.ndarray, axis: int) -> jnp.ndarray:
+  """The transpose of one axis of `upsample2x`: `[..., 2n, ...]` → `[..., n, ...]`."""
+  n = dy.shape[axis] // 2
+  d = dy.reshape(dy.shape[:axis] + (n, 2) + dy.shape[axis + 1:])
+  even = lax.index_in_dim(d, 0, axis + 1, keepdims=False)
+  odd = lax.index_in_dim(d, 1, axis + 1, keepdims=False)
+  sl = lambda a, lo, hi: lax.slice_in_dim(a, lo, hi, axis=axis)
+  # x[j] feeds even[j] and odd[j] (.75 each), even[j+1] and odd[j-1] (.25 each); at the
+  # clamped borders x[0] also feeds even[0] and x[n-1] odd[n-1] (.25 each).
+  even_next = jnp.concatenate([sl(even, 1, n), sl(odd, n - 1, n)], axis=axis)
+  odd_prev = jnp.concatenate([sl(even, 0, 1), sl(odd, 0, n - 1)], axis=axis)
+  return 0.75 * (even + odd) + 0.25 * (even_next + odd_prev)
+
+
+def _upsample_fwd(x):
+  return upsample2x(x), None
+
+
+def _upsample_bwd(_, dy):
+  for axis in reversed(range(1, dy.ndim - 1)):
+    dy = _upsample_axis_t(dy, axis)
+  return (dy,)
+
+
+upsample2x.defvjp(_upsample_fwd, _upsample_bwd)
