@@ -11,21 +11,25 @@ from seq2seq_jax.models import conv
 # forward (narrow outputs), and dims.
 CASES = [
     (96, 32, 3, 7, 1, 2),    # narrow output: shifted-GEMM forward, dy shifted into GEMM columns
-    (64, 64, 48, 3, 1, 2),   # wide: one GEMM per offset
+    (64, 64, 48, 3, 1, 2),   # wide: one GEMM per offset; row-stacked forward
     (127, 64, 64, 3, 2, 2),  # wide, strided, odd size
     (12, 3, 16, 7, 1, 2),    # few input channels: XLA's own
-    (8, 64, 64, 3, 1, 2),    # small layer: XLA's own
+    (8, 64, 64, 3, 1, 2),    # small layer: XLA's kernel gradient, row-stacked forward
+    (9, 16, 24, 5, 1, 2),    # row-stacked forward, k = 5, odd size
 ]
+# (kernel-gradient form, forward form) of each case.
+FORMS = [("narrow", "narrow"), ("wide", "rows"), ("wide", "xla"), ("xla", "xla"),
+         ("xla", "rows"), ("xla", "rows")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_gradients_equal_xla(case):
-  expected = ["narrow", "wide", "wide", "xla", "xla"][CASES.index(case)]
+def test_gradients_equal_xla(case, monkeypatch):
+  monkeypatch.setattr(conv, "MIN_ROWS_MACS", 0)  # the row-stacked forward on small layers too
+  grad_form, fwd_form = FORMS[CASES.index(case)]
   x_shape = (2,) + (case[0],) * case[5] + (case[1],)
   k_shape = (case[3],) * case[5] + case[1:3]
-  assert conv._grad_form(x_shape, k_shape, case[4]) == expected
-  narrow_fwd = CASES.index(case) == 0
-  assert conv.forward_form(x_shape, k_shape, case[4]) == ("narrow" if narrow_fwd else "xla")
+  assert conv._grad_form(x_shape, k_shape, case[4]) == grad_form
+  assert conv.forward_form(x_shape, k_shape, case[4]) == fwd_form
   n, cin, cout, k, stride, ndims = case
   pads = (((k - 1) // 2, (k - 1) // 2),) * ndims
   rng = np.random.default_rng(0)
@@ -34,7 +38,7 @@ def test_gradients_equal_xla(case):
   y_ref, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, stride, pads), x, w)
   y, vjp = jax.vjp(lambda a, b: conv.conv_nd(a, b, stride, pads), x, w)
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  if narrow_fwd:  # the same products summed in another order
+  if fwd_form != "xla":  # the same products summed in another order
     np.testing.assert_allclose(y, y_ref, atol=1e-5 * float(jnp.abs(y_ref).max()), rtol=0)
   else:
     np.testing.assert_array_equal(y, y_ref)
@@ -42,6 +46,20 @@ def test_gradients_equal_xla(case):
     scale = float(jnp.abs(want).max())
     # float32 sums of up to 8k products in another order: ~1e-6 of the largest value.
     np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
+
+
+def test_forward_form_policy():
+  """The row-stacked forward where XLA's conv is slow (brats2d's latent and 96² layers, the
+  folded 3D latent convs), XLA's on the toy model's small layers and where the stacked rows
+  would exceed MAX_ROWS_STACK_BYTES (brats2d's 128→64 conv on 194²)."""
+  form = lambda x, k: conv.forward_form(x, k, 1)
+  assert form((1, 50, 50, 256), (3, 3, 256, 256)) == "rows"
+  assert form((1, 98, 98, 256), (3, 3, 256, 128)) == "rows"
+  assert form((16, 18, 18, 192), (3, 3, 192, 64)) == "rows"
+  assert form((1, 194, 194, 128), (3, 3, 128, 64)) == "xla"
+  assert form((8, 34, 34, 32), (3, 3, 32, 32)) == "xla"
+  assert form((1, 198, 198, 3), (7, 7, 3, 64)) == "xla"
+  assert form((1, 198, 198, 64), (7, 7, 64, 3)) == "narrow"
 
 
 # 3D (spatial, cin, cout, k, stride, zero pads): stride 1 folds the depth offsets into the 2D

@@ -38,11 +38,13 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
             padding: str | Sequence[tuple[int, int]] = "VALID") -> jnp.ndarray:
   """Channels-last convolution; `kernel` is `[*k, in, out]`; zero `padding` per side.
 
-  XLA's own convolutions, except where XLA CPU is slow: the forward pass of a narrow-output
-  conv (e.g. the 3-channel 7×7 output conv: 30-40× faster as `shifted_gemm_conv`) and the
-  kernel gradient of wide and narrow layers (`kernel_grad`, GEMMs: 2-3× faster for wide
-  layers, up to 100× for the output conv). The input gradient is always XLA's. 3D convs are
-  2D convs over depth slices (`conv3d.conv3d`), so they get the same forms.
+  XLA's own convolutions, except where XLA CPU is slow: the forward pass of stride-1 convs
+  (`forward_form`: a narrow-output conv such as the 3-channel 7×7 output conv is 30-40× faster
+  as `shifted_gemm_conv`, most others 1.2-3.5× as `row_stacked_conv`) and the kernel gradient
+  of wide and narrow layers (`kernel_grad`, GEMMs: 2-3× faster for wide layers, up to 100× for
+  the output conv). The input gradient is always XLA's, which runs at 130-170 GFLOP/s on the
+  shapes where its forward conv is slowest. 3D convs are 2D convs over depth slices
+  (`conv3d.conv3d`), so they get the same forms.
   """
   ndims = x.ndim - 2
   if isinstance(padding, str):
@@ -63,6 +65,8 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
 def _forward(x, kernel, stride, pads, fwd):
   if fwd == "narrow":
     return shifted_gemm_conv(x, kernel, pads)
+  if fwd == "rows":
+    return row_stacked_conv(x, kernel, pads)
   return _xla_conv(x, kernel, stride, pads)
 
 
@@ -90,19 +94,80 @@ def _conv_bwd(stride, pads, fwd, grad, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def forward_form(x_shape, kernel_shape, stride: int) -> str:
-  """Which forward suits a conv (static shapes): 'narrow' (`shifted_gemm_conv`) or 'xla'.
+# `row_stacked_conv` bounds: below MIN_ROWS_MACS it is no faster than XLA's conv (the toy
+# model's 32-channel layers) but compiles to more code and temporaries; above
+# MAX_ROWS_STACK_BYTES of stacked rows it is no faster either (128→64 on 192²: 57 MB).
+MIN_ROWS_MACS = 1 << 27
+MAX_ROWS_STACK_BYTES = 32 << 20
 
-  Narrow: stride 1 and few outputs (k^d·cout ≤ 1024 columns, at most a quarter of the inputs),
-  where XLA CPU's convolution runs at 2-3 GFLOP/s. 2D only: in 3D the k³·cout columns per
-  voxel cost too much memory.
+
+def forward_form(x_shape, kernel_shape, stride: int) -> str:
+  """Which forward suits a 2D conv (static shapes): 'narrow', 'rows' or 'xla'.
+
+  - narrow (`shifted_gemm_conv`): stride 1 and few outputs (k²·cout ≤ 1024 columns, at most a
+    quarter of the inputs), where XLA CPU's convolution runs at 2-3 GFLOP/s;
+  - rows (`row_stacked_conv`): other stride-1 convs with 16 or more inputs, at least
+    MIN_ROWS_MACS multiply-adds and at most MAX_ROWS_STACK_BYTES of stacked rows. XLA CPU's
+    forward conv is slowest where it narrows the channels (192→64 on 16 × 18²: 27 GFLOP/s,
+    256→128 on 96²: 52); this form was 1.2-3.5× faster on every such layer measured;
+  - xla: strided convs, few inputs (3→64 7×7 on 192²: 51 GFLOP/s against 19 as rows), and
+    layers outside the rows bounds.
+  3D convs never get here: `conv3d` folds them into these 2D convs.
   """
-  ndims = len(x_shape) - 2
   k = kernel_shape[0]
   cin, cout = kernel_shape[-2:]
-  if ndims == 2 and stride == 1 and k > 1 and 4 * cout <= cin and cout * k ** ndims <= 1024:
+  if len(x_shape) != 4 or stride != 1 or k == 1:
+    return "xla"
+  if 4 * cout <= cin and cout * k * k <= 1024:
     return "narrow"
+  n, h, w = x_shape[0], x_shape[1] - k + 1, x_shape[2]
+  macs = n * h * (w - k + 1) * k * k * cin * cout
+  stack_bytes = n * h * w * k * cin * 4
+  if cin >= 16 and macs >= MIN_ROWS_MACS and stack_bytes <= MAX_ROWS_STACK_BYTES:
+    return "rows"
   return "xla"
+
+
+def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
+                     pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
+  """Stride-1 2D conv as one GEMM over row-stacked inputs and a shifted sum over columns.
+
+  R[n, i, j] = (x[n, i + a, j] for a < k) side by side on channels, Z = R @ W with W
+  `[(a, cin), (b, cout)]`, y[n, i, j] = sum_b Z[n, i, j + b, b]: the k row offsets are the
+  GEMM's depth (k·cin) and the k column offsets its width (k·cout), so it is a well-shaped GEMM
+  where the k²·cin patches would copy the input k² times. Accumulates in float32 (float64 for
+  float64).
+  """
+  k = kernel.shape[0]
+  cin, cout = kernel.shape[-2:]
+  if any(lo or hi for lo, hi in pads):
+    x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
+  h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+  rows = jnp.concatenate([x[:, a:a + h] for a in range(k)], -1)  # [n, h, W, (a, cin)]
+  wm = jnp.transpose(kernel, (0, 2, 1, 3)).reshape(k * cin, k * cout)  # [(a, cin), (b, cout)]
+  z = lax.dot_general(rows.reshape(-1, k * cin), wm, (((1,), (0,)), ((), ())),
+                      preferred_element_type=_acc(x))
+  z = z.reshape(rows.shape[:3] + (k, cout))
+  def shifted_sum(z):
+    y = None
+    for b in range(k):
+      term = z[:, :, b:b + w, b, :]
+      y = term if y is None else y + term
+    return y.astype(x.dtype)
+  return materialized(shifted_sum, z)
+
+
+def materialized(fn, z: jnp.ndarray) -> jnp.ndarray:
+  """`fn(z)`, computed on its own and stored, not fused into the consumers of its result.
+
+  XLA fuses a cheap producer such as a shifted sum into every consumer, in the backward pass
+  too, so that they read z, not fn(z): z (k× the conv output for `row_stacked_conv`) then
+  stays alive as the activation, +300 MB of temporaries on brats2d. A conditional's result
+  is a buffer of its own (an optimization barrier is not: XLA CPU removes those before
+  fusion); both branches are `fn`, so the predicate (false only for a NaN) changes nothing.
+  """
+  first = z.reshape(-1)[0]
+  return lax.cond(first == first, fn, fn, z)
 
 
 def shifted_gemm_conv(x: jnp.ndarray, kernel: jnp.ndarray,
