@@ -94,11 +94,11 @@ def _conv_bwd(stride, pads, fwd, grad, res, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-# `row_stacked_conv` bounds: below MIN_ROWS_MACS it is no faster than XLA's conv (the toy
-# model's 32-channel layers) but compiles to more code and temporaries; above
-# MAX_ROWS_STACK_BYTES of stacked rows it is no faster either (128→64 on 192²: 57 MB).
+# Below MIN_ROWS_MACS `row_stacked_conv` is no faster than XLA's conv (the toy model's
+# 32-channel layers) but compiles to more code and temporaries.
 MIN_ROWS_MACS = 1 << 27
-MAX_ROWS_STACK_BYTES = 32 << 20
+# Stacked rows per tile of `row_stacked_conv` (1-4 MB were within 10% of each other).
+ROWS_TILE_BYTES = 1 << 20
 
 
 def forward_form(x_shape, kernel_shape, stride: int) -> str:
@@ -106,12 +106,12 @@ def forward_form(x_shape, kernel_shape, stride: int) -> str:
 
   - narrow (`shifted_gemm_conv`): stride 1 and few outputs (k²·cout ≤ 1024 columns, at most a
     quarter of the inputs), where XLA CPU's convolution runs at 2-3 GFLOP/s;
-  - rows (`row_stacked_conv`): other stride-1 convs with 16 or more inputs, at least
-    MIN_ROWS_MACS multiply-adds and at most MAX_ROWS_STACK_BYTES of stacked rows. XLA CPU's
-    forward conv is slowest where it narrows the channels (192→64 on 16 × 18²: 27 GFLOP/s,
-    256→128 on 96²: 52); this form was 1.2-3.5× faster on every such layer measured;
+  - rows (`row_stacked_conv`): other stride-1 convs with 16 or more inputs and at least
+    MIN_ROWS_MACS multiply-adds. XLA CPU's forward conv is slowest where it narrows the
+    channels (192→64 on 16 × 18²: 27 GFLOP/s, 256→128 on 96²: 52, 128→64 on 192²: 45); this
+    form was 1.2-3.5× faster on every such layer measured;
   - xla: strided convs, few inputs (3→64 7×7 on 192²: 51 GFLOP/s against 19 as rows), and
-    layers outside the rows bounds.
+    small layers.
   3D convs never get here: `conv3d` folds them into these 2D convs.
   """
   k = kernel_shape[0]
@@ -120,10 +120,8 @@ def forward_form(x_shape, kernel_shape, stride: int) -> str:
     return "xla"
   if 4 * cout <= cin and cout * k * k <= 1024:
     return "narrow"
-  n, h, w = x_shape[0], x_shape[1] - k + 1, x_shape[2]
-  macs = n * h * (w - k + 1) * k * k * cin * cout
-  stack_bytes = n * h * w * k * cin * 4
-  if cin >= 16 and macs >= MIN_ROWS_MACS and stack_bytes <= MAX_ROWS_STACK_BYTES:
+  macs = x_shape[0] * math.prod(n - k + 1 for n in x_shape[1:3]) * k * k * cin * cout
+  if cin >= 16 and macs >= MIN_ROWS_MACS:
     return "rows"
   return "xla"
 
@@ -135,26 +133,37 @@ def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
   R[n, i, j] = (x[n, i + a, j] for a < k) side by side on channels, Z = R @ W with W
   `[(a, cin), (b, cout)]`, y[n, i, j] = sum_b Z[n, i, j + b, b]: the k row offsets are the
   GEMM's depth (k·cin) and the k column offsets its width (k·cout), so it is a well-shaped GEMM
-  where the k²·cin patches would copy the input k² times. Accumulates in float32 (float64 for
+  where the k²·cin patches would copy the input k² times. Runs over tiles of output rows
+  (`lax.map`) whose stacked rows fit in ROWS_TILE_BYTES: R and Z then stay in cache, 1.5-2×
+  faster on brats2d's 96² and 192² layers than one tile. Accumulates in float32 (float64 for
   float64).
   """
   k = kernel.shape[0]
   cin, cout = kernel.shape[-2:]
   if any(lo or hi for lo, hi in pads):
     x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
-  h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
-  rows = jnp.concatenate([x[:, a:a + h] for a in range(k)], -1)  # [n, h, W, (a, cin)]
+  n, h, w = x.shape[0], x.shape[1] - k + 1, x.shape[2] - k + 1
   wm = jnp.transpose(kernel, (0, 2, 1, 3)).reshape(k * cin, k * cout)  # [(a, cin), (b, cout)]
-  z = lax.dot_general(rows.reshape(-1, k * cin), wm, (((1,), (0,)), ((), ())),
-                      preferred_element_type=_acc(x))
-  z = z.reshape(rows.shape[:3] + (k, cout))
-  def shifted_sum(z):
+
+  def tile(xs):  # xs: [n, th + k - 1, W, cin] → [n, th, w, cout]
+    rows = jnp.concatenate([xs[:, a:xs.shape[1] - k + 1 + a] for a in range(k)], -1)
+    z = lax.dot_general(rows.reshape(-1, k * cin), wm, (((1,), (0,)), ((), ())),
+                        preferred_element_type=_acc(x))
+    z = z.reshape(rows.shape[:3] + (k, cout))
     y = None
     for b in range(k):
       term = z[:, :, b:b + w, b, :]
       y = term if y is None else y + term
     return y.astype(x.dtype)
-  return materialized(shifted_sum, z)
+
+  row_bytes = n * x.shape[2] * k * cin * 4
+  th = max([d for d in range(1, h + 1) if h % d == 0 and d * row_bytes <= ROWS_TILE_BYTES],
+           default=1)
+  if th == h:
+    return materialized(tile, x)
+  y = lax.map(lambda start: tile(lax.dynamic_slice_in_dim(x, start, th + k - 1, axis=1)),
+              jnp.arange(h // th) * th)  # [tiles, n, th, w, cout]: a buffer of its own
+  return jnp.moveaxis(y, 0, 1).reshape(n, h, w, cout)
 
 
 def materialized(fn, z: jnp.ndarray) -> jnp.ndarray:
