@@ -180,3 +180,25 @@ def test_per_example_narrow_conv_matches_the_patches_form():
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_loops_off_gives_the_same_conv_without_loops():
+  """`conv.loops(False)` (the benchmark's FLOP count) runs the tiled row-stacked forward and
+  the depth-chunked 3D conv as single ops: no `lax.map` in the trace, the same values."""
+  from seq2seq_jax.models import conv3d
+  rng = np.random.default_rng(6)
+  x2 = jnp.asarray(rng.standard_normal((1, 66, 66, 64)), jnp.float32)
+  w2 = jnp.asarray(rng.standard_normal((3, 3, 64, 64)) * 0.05, jnp.float32)
+  x3 = jnp.asarray(rng.standard_normal((1, 66, 66, 66, 32)), jnp.float32)
+  w3 = jnp.asarray(rng.standard_normal((3, 3, 3, 32, 16)) * 0.05, jnp.float32)
+  assert conv.forward_form(x2.shape, w2.shape, 1) == "rows"
+  assert conv3d.chunk_size(x3.shape, w3.shape, 1, ((0, 0),) * 3) is not None
+  for x, w in ((x2, w2), (x3, w3)):
+    looped = jax.jit(lambda a, b: conv.conv_nd(a, b))
+    assert "while" in looped.lower(x, w).as_text()
+    with conv.loops(False):
+      plain = jax.jit(lambda a, b: conv.conv_nd(a, b))  # a new function: traces are cached
+      assert "while" not in plain.lower(x, w).as_text()
+      want = plain(x, w)
+    np.testing.assert_allclose(looped(x, w), want, rtol=0,
+                               atol=1e-5 * float(jnp.abs(want).max()))

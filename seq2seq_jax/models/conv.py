@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -19,6 +21,27 @@ from seq2seq_jax.models import ops
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 torch_default_uniform = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 zeros = nn.initializers.zeros
+
+
+_LOOPS = contextvars.ContextVar("seq2seq_jax_conv_loops", default=True)
+
+
+@contextlib.contextmanager
+def loops(enabled: bool) -> Iterator[None]:
+  """Whether convs traced inside may loop over tiles or depth chunks (`lax.map`).
+
+  Off, the same forms run as one op each: same products, more memory. For XLA's cost
+  analysis, which counts a loop's body once, not once per trip (`experiments.benchmark`).
+  """
+  token = _LOOPS.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _LOOPS.reset(token)
+
+
+def loops_enabled() -> bool:
+  return _LOOPS.get()
 
 
 def dimension_numbers(ndims: int) -> tuple[str, str, str]:
@@ -56,6 +79,8 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
     from seq2seq_jax.models import conv3d  # conv3d builds on this module's 2D convs
     return conv3d.conv3d(x, kernel, stride, pads)
   fwd = forward_form(x.shape, kernel.shape, stride)
+  if fwd == "rows" and not _LOOPS.get():
+    fwd = "rows_untiled"  # a static argument of the custom VJP, so traces are not shared
   grad = _grad_form(x.shape, kernel.shape, stride)
   if fwd == grad == "xla":
     return _xla_conv(x, kernel, stride, pads)  # no custom VJP: nothing to gain, fusion intact
@@ -65,8 +90,8 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
 def _forward(x, kernel, stride, pads, fwd):
   if fwd == "narrow":
     return shifted_gemm_conv(x, kernel, pads)
-  if fwd == "rows":
-    return row_stacked_conv(x, kernel, pads)
+  if fwd in ("rows", "rows_untiled"):
+    return row_stacked_conv(x, kernel, pads, tiled=fwd == "rows")
   return _xla_conv(x, kernel, stride, pads)
 
 
@@ -127,7 +152,7 @@ def forward_form(x_shape, kernel_shape, stride: int) -> str:
 
 
 def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
-                     pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
+                     pads: Sequence[tuple[int, int]], tiled: bool = True) -> jnp.ndarray:
   """Stride-1 2D conv as one GEMM over row-stacked inputs and a shifted sum over columns.
 
   R[n, i, j] = (x[n, i + a, j] for a < k) side by side on channels, Z = R @ W with W
@@ -135,8 +160,8 @@ def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
   GEMM's depth (k·cin) and the k column offsets its width (k·cout), so it is a well-shaped GEMM
   where the k²·cin patches would copy the input k² times. Runs over tiles of output rows
   (`lax.map`) whose stacked rows fit in ROWS_TILE_BYTES: R and Z then stay in cache, 1.5-2×
-  faster on brats2d's 96² and 192² layers than one tile. Accumulates in float32 (float64 for
-  float64).
+  faster on brats2d's 96² and 192² layers than one tile (`tiled=False`). Accumulates in
+  float32 (float64 for float64).
   """
   k = kernel.shape[0]
   cin, cout = kernel.shape[-2:]
@@ -159,7 +184,7 @@ def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
   row_bytes = n * x.shape[2] * k * cin * 4
   th = max([d for d in range(1, h + 1) if h % d == 0 and d * row_bytes <= ROWS_TILE_BYTES],
            default=1)
-  if th == h:
+  if th == h or not tiled:
     return materialized(tile, x)
   y = lax.map(lambda start: tile(lax.dynamic_slice_in_dim(x, start, th + k - 1, axis=1)),
               jnp.arange(h // th) * th)  # [tiles, n, th, w, cout]: a buffer of its own

@@ -53,7 +53,7 @@ def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
            pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
   """`conv.conv_nd` for `x` `[b, d, h, w, cin]`, `kernel` `[k, k, k, cin, cout]`, zero pads."""
   chunk = chunk_size(x.shape, kernel.shape, stride, pads)
-  if chunk is None:
+  if chunk is None or _CHUNKING.get() and not conv.loops_enabled():
     return depth_folded_conv(x, kernel, stride, pads)
   if not _CHUNKING.get():
     # Depth-sharded: unchunked, this layer's stacked slices and GEMM columns would be
