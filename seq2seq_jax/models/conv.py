@@ -30,8 +30,9 @@ _LOOPS = contextvars.ContextVar("seq2seq_jax_conv_loops", default=True)
 def loops(enabled: bool) -> Iterator[None]:
   """Whether convs traced inside may loop over tiles or depth chunks (`lax.map`).
 
-  Off, the same forms run as one op each: same products, more memory. For XLA's cost
-  analysis, which counts a loop's body once, not once per trip (`experiments.benchmark`).
+  Off, each such conv is one op with the same multiply-adds (the row-stacked forward in one
+  tile, a depth-chunked 3D conv as one folded conv) and more memory. For XLA's cost analysis,
+  which counts a loop's body once, not once per trip (`experiments.benchmark.count_flops`).
   """
   token = _LOOPS.set(bool(enabled))
   try:
