@@ -195,11 +195,12 @@ def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
 def materialized(fn, z: jnp.ndarray) -> jnp.ndarray:
   """`fn(z)`, computed on its own and stored, not fused into the consumers of its result.
 
-  XLA fuses a cheap producer such as a shifted sum into every consumer, in the backward pass
-  too, so that they read z, not fn(z): z (k× the conv output for `row_stacked_conv`) then
-  stays alive as the activation, +300 MB of temporaries on brats2d. A conditional's result
-  is a buffer of its own (an optimization barrier is not: XLA CPU removes those before
-  fusion); both branches are `fn`, so the predicate (false only for a NaN) changes nothing.
+  XLA fuses a cheap last step such as `row_stacked_conv`'s shifted sum into every consumer,
+  in the backward pass too, so that they read its input (the GEMM output, k× the conv
+  output), which then stays alive as the activation: +300 MB of temporaries on brats2d. A
+  conditional's result is a buffer of its own (an optimization barrier is not: XLA CPU
+  removes those before fusion); both branches are `fn`, so the predicate (false only for a
+  NaN) changes nothing.
   """
   first = z.reshape(-1)[0]
   return lax.cond(first == first, fn, fn, z)

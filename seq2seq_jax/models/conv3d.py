@@ -135,22 +135,16 @@ def _stacked_kernel(kernel: jnp.ndarray) -> jnp.ndarray:
   return jnp.moveaxis(kernel, 0, 2).reshape(kernel.shape[1:3] + (k * cin, cout))
 
 
-def _chunk_map(fn, x: jnp.ndarray, k: int, chunk: int, out_depth: int):
-  """`fn(stacked chunk, start)` over output-depth chunks of a VALID stride-1 conv of x."""
-  def body(start):
-    xs = lax.dynamic_slice_in_dim(x, start, chunk + k - 1, axis=1)
-    return fn(_stacked(xs, k, chunk), start)
-  return lax.map(body, jnp.arange(out_depth // chunk) * chunk)
-
-
-def _map_conv(x: jnp.ndarray, kernel: jnp.ndarray, chunk: int | None) -> jnp.ndarray:
-  """VALID stride-1 conv, chunk output slices at a time (all at once for None)."""
+def _map_conv(x: jnp.ndarray, kernel: jnp.ndarray, chunk: int) -> jnp.ndarray:
+  """VALID stride-1 conv, `chunk` output slices at a time, each a stacked 2D conv."""
   b, k = x.shape[0], kernel.shape[0]
   out_depth = x.shape[1] - k + 1
-  if chunk is None:
-    return depth_folded_conv(x, kernel, 1, ((0, 0),) * 3)
   w = _stacked_kernel(kernel)
-  y = _chunk_map(lambda st, _: conv.conv_nd(st, w, 1), x, k, chunk, out_depth)
+
+  def body(start):
+    xs = lax.dynamic_slice_in_dim(x, start, chunk + k - 1, axis=1)
+    return conv.conv_nd(_stacked(xs, k, chunk), w, 1)
+  y = lax.map(body, jnp.arange(out_depth // chunk) * chunk)
   y = y.reshape((out_depth, b) + y.shape[2:])  # chunks are depth-major inside
   return jnp.moveaxis(y, 0, 1)
 
