@@ -201,3 +201,36 @@ def test_pair_per_batch_step_equals_the_per_example_step():
     tol = 5e-3 if g0.ndim == 1 else 1e-4
     np.testing.assert_allclose(g1, g0, rtol=0, atol=tol * scale + floor,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_guarded_adam_is_optax_adam_when_finite_and_a_no_op_when_not():
+  import jax.numpy as jnp
+  import optax
+  from seq2seq_jax import train_step as ts
+
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3, 5)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(5,)), jnp.float32)}
+  tx = ts.make_optimizer()
+  ours, ref = (params, tx.init(params)), (params, tx.init(params))
+  step = jax.jit(ts.guarded_adam, static_argnums=0)
+  for lr in (1e-2, 3e-3, 1e-3):  # a few steps, so bias correction and moments matter
+    grads = jax.tree_util.tree_map(
+        lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    p, opt = ours
+    opt.hyperparams["learning_rate"] = jnp.float32(lr)
+    ours = step(tx, grads, opt, p, jnp.bool_(True))
+    p, opt = ref
+    opt.hyperparams["learning_rate"] = jnp.float32(lr)
+    updates, opt = tx.update(grads, opt, p)
+    ref = (optax.apply_updates(p, updates), opt)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
+      # atol: a param that crosses zero keeps the rounding of its larger terms (~1e-9).
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  assert int(ours[1].inner_state[0].count) == 3
+
+  p, opt = ours
+  bad = jax.tree_util.tree_map(lambda q: jnp.full_like(q, jnp.nan), p)
+  kept = step(tx, bad, opt, p, jnp.bool_(False))
+  for a, b in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(ours)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
