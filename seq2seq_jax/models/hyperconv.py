@@ -73,7 +73,10 @@ class HyperConv(nn.Module):
     b = self.param("b", zeros, (self.features, self.c_w), jnp.float32)
     w = nn.Dense(self.c_w, kernel_init=linear_init, bias_init=zeros, name="fc")(s)
     wb = nn.Dense(self.c_w, kernel_init=linear_init, bias_init=zeros, name="fc_bias")(s)
-    kernels = jnp.einsum("...w,nw->n...", param, w)  # [n, *k, in, out]
+    # A GEMV on the bank's own [k^d·in·out, c_w] layout: as einsum("...w,nw->n..."), XLA CPU
+    # first copied every bank to [c_w, ...] (brats2d: 12 × 36 MB, 270 ms of kernels a step).
+    kernels = jnp.moveaxis(param.reshape(-1, self.c_w) @ w.T, -1, 0)
+    kernels = kernels.reshape((w.shape[0],) + kshape[:-1])  # [n, *k, in, out]
     biases = wb @ b.T  # [n, out]
     x = ops.reflect_pad(x.astype(self.dtype), self.pad)
     kernels = kernels.astype(self.dtype)
