@@ -114,6 +114,7 @@ def eval_throughput(model, params, config, n_volumes: int) -> float:
 def prepare_host(config) -> None:
   """CPU host settings from the config; before XLA starts its backend and threads."""
   host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
+  host_memory.keep_remat_barriers(bool(config.train.remat))
   if config.train.cpu_heap_reuse:
     host_memory.reuse_freed_memory()
 

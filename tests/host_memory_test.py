@@ -90,3 +90,22 @@ def test_entry_points_restart_once_with_malloc_huge_pages(tmp_path):
   with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
     if "[madvise]" in f.read():
       assert eligible == 0
+
+
+def test_keep_remat_barriers_sets_or_extends_the_disabled_passes(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  assert not host_memory.keep_remat_barriers(False)
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+  assert host_memory.keep_remat_barriers(True)
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                     "--xla_disable_hlo_passes=cse_barrier_expander")
+  assert host_memory.keep_remat_barriers(True)  # idempotent
+  assert os.environ["XLA_FLAGS"].count("cse_barrier_expander") == 1
+  monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=foo")
+  assert host_memory.keep_remat_barriers(True)
+  assert os.environ["XLA_FLAGS"] == "--xla_disable_hlo_passes=foo,cse_barrier_expander"
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")  # the GPU compiler needs its barrier pass
+  assert not host_memory.keep_remat_barriers(True)
+  assert os.environ["XLA_FLAGS"] == ""

@@ -7,7 +7,7 @@ import contextvars
 import functools
 import itertools
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -372,6 +372,8 @@ class Conv(nn.Module):
     pad: reflect padding per side, applied before a VALID convolution.
     ndims: 2 or 3.
     dtype: compute dtype (params stay float32).
+    post: applied to the output (norm, activation): inside the module, so that
+      `nn.remat(Conv)` recomputes it too and keeps only the layer's input.
   """
   features: int
   kernel_size: int
@@ -379,6 +381,7 @@ class Conv(nn.Module):
   pad: int = 0
   ndims: int = 2
   dtype: Any = jnp.float32
+  post: Callable[[jnp.ndarray], jnp.ndarray] | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -387,8 +390,8 @@ class Conv(nn.Module):
     kernel = self.param("kernel", conv_kernel_init(self.ndims), kshape, jnp.float32)
     bias = self.param("bias", zeros, (self.features,), jnp.float32)
     x = ops.reflect_pad(x.astype(self.dtype), self.pad)
-    y = conv_nd(x, kernel.astype(self.dtype), self.stride)
-    return y + bias.astype(self.dtype)
+    y = conv_nd(x, kernel.astype(self.dtype), self.stride) + bias.astype(self.dtype)
+    return y if self.post is None else self.post(y)
 
 
 def linear_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jnp.ndarray:

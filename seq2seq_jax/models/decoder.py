@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -35,13 +36,13 @@ class HyperDecoder(nn.Module):
     for i in range(self.nres):
       x = block(c_w=self.c_w, ndims=self.ndims, norm=self.norm, dtype=self.dtype,
                 name=f"res_{i}")(x, s)
+    # With remat, each upsampling stage keeps only its (low-resolution) input.
+    conv = nn.remat(HyperConv) if self.remat else HyperConv
+    norm_act = functools.partial(ops.norm_leaky_relu, norm=self.norm)
     layers = list(zip(self.c_dec, self.k_dec, self.s_dec))
     for i, (c, k, st) in enumerate(layers[:-1]):
-      x = ops.upsample2x(x)
-      x = HyperConv(c, k, self.c_w, pad=(k - 1) // 2, stride=st, ndims=self.ndims,
-                    dtype=self.dtype, name=f"convs_{i}")(x, s)
-      x = ops.leaky_relu(ops.maybe_norm(x, self.norm))
+      x = conv(c, k, self.c_w, pad=(k - 1) // 2, stride=st, ndims=self.ndims,
+               dtype=self.dtype, pre=ops.upsample2x, post=norm_act, name=f"convs_{i}")(x, s)
     c, k, st = layers[-1]
-    x = HyperConv(c, k, self.c_w, pad=(k - 1) // 2, stride=st, ndims=self.ndims,
-                  dtype=self.dtype, name="conv_last")(x, s)
-    return jnp.tanh(x)
+    return conv(c, k, self.c_w, pad=(k - 1) // 2, stride=st, ndims=self.ndims,
+                dtype=self.dtype, post=jnp.tanh, name="conv_last")(x, s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -27,10 +28,13 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    # With remat, every stage keeps only its input: the full-resolution stages are where 3D
+    # activations are largest.
+    conv = nn.remat(Conv) if self.remat else Conv
+    norm_act = functools.partial(ops.norm_leaky_relu, norm=self.norm)
     for i, (c, k, s) in enumerate(zip(self.c_enc, self.k_enc, self.s_enc)):
-      x = Conv(c, k, stride=s, pad=(k - 1) // 2, ndims=self.ndims, dtype=self.dtype,
-               name=f"conv_{i}")(x)
-      x = ops.leaky_relu(ops.maybe_norm(x, self.norm))
+      x = conv(c, k, stride=s, pad=(k - 1) // 2, ndims=self.ndims, dtype=self.dtype,
+               post=norm_act, name=f"conv_{i}")(x)
     block = nn.remat(ResBlock) if self.remat else ResBlock
     for i in range(self.nres):
       x = block(ndims=self.ndims, norm=self.norm, dtype=self.dtype, name=f"res_{i}")(x)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import itertools
 
@@ -56,6 +56,8 @@ class HyperConv(nn.Module):
     stride: conv stride.
     ndims: 2 or 3.
     dtype: compute dtype for the convolution.
+    pre, post: applied to the input (upsampling) and to the output (norm, activation):
+      inside the module, so that `nn.remat(HyperConv)` recomputes them too.
   """
   features: int
   kernel_size: int
@@ -64,9 +66,17 @@ class HyperConv(nn.Module):
   stride: int = 1
   ndims: int = 2
   dtype: Any = jnp.float32
+  pre: Callable[[jnp.ndarray], jnp.ndarray] | None = None
+  post: Callable[[jnp.ndarray], jnp.ndarray] | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
+    if self.pre is not None:
+      x = self.pre(x)
+    y = self._conv(x, s)
+    return y if self.post is None else self.post(y)
+
+  def _conv(self, x: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
     in_features = x.shape[-1]
     kshape = (self.kernel_size,) * self.ndims + (in_features, self.features, self.c_w)
     param = self.param("param", hyper_param_init, kshape, jnp.float32)

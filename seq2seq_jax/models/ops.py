@@ -42,6 +42,10 @@ def maybe_norm(x: jnp.ndarray, norm: str | None) -> jnp.ndarray:
   return instance_norm(x) if norm == "InstanceNorm" else x
 
 
+def norm_leaky_relu(x: jnp.ndarray, norm: str | None) -> jnp.ndarray:
+  return leaky_relu(maybe_norm(x, norm))
+
+
 @jax.custom_vjp
 def upsample2x(x: jnp.ndarray) -> jnp.ndarray:
   """×2 (bi/tri)linear upsampling of every spatial axis, align_corners=False.
