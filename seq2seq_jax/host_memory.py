@@ -1,4 +1,5 @@
-"""Host memory of the CPU step: XLA's CPU scheduler choice, and returning freed heap pages.
+"""Host memory of the CPU step: XLA's CPU scheduler choice, remat that recomputes, and
+returning freed heap pages.
 
 On CPU the train step's XLA buffers are ordinary heap allocations, and glibc keeps what
 initialisation and compilation freed (about 1 GB each on `brats2d`) as free heap pages, which
