@@ -79,8 +79,10 @@ def keep_remat_barriers(remat: bool) -> bool:
   Returns whether the flag is set.
   """
   flags = os.environ.get("XLA_FLAGS", "")
-  if not remat or not _cpu_only() or _BARRIER_PASS in flags:
-    return remat and _BARRIER_PASS in flags
+  if _BARRIER_PASS in flags:
+    return True
+  if not remat or not _cpu_only():
+    return False
   m = re.search(r"--xla_disable_hlo_passes=(\S*)", flags)
   if m:
     flags = flags.replace(m.group(0), f"{m.group(0)},{_BARRIER_PASS}")

@@ -133,8 +133,8 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
     opt_state.hyperparams["learning_rate"] = lr
     # Decided before the update, from the loss, the gradient's global norm (inf as soon as any
     # g² would overflow Adam's second moment) and the LR, so that XLA fuses update and select
-    # into one in-place pass per leaf. Deciding on the new params instead kept params, mu and
-    # nu all alive twice: +1.2 GB of temporaries on brats2d.
+    # into in-place passes (see guarded_adam). Deciding on the new params instead kept params,
+    # mu and nu all alive twice: +1.2 GB of temporaries on brats2d.
     finite = jnp.isfinite(total) & jnp.isfinite(optax.global_norm(grads)) & jnp.isfinite(lr)
     new_params, new_opt = guarded_adam(tx, grads, opt_state, state["params"], finite)
     rng, _ = jax.random.split(state["rng"])

@@ -22,7 +22,7 @@ class ResBlock(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     c = x.shape[-1]
     y = Conv(c, 3, pad=1, ndims=self.ndims, dtype=self.dtype, name="conv1")(x)
-    y = ops.leaky_relu(ops.maybe_norm(y, self.norm))
+    y = ops.norm_leaky_relu(y, self.norm)
     y = Conv(c, 3, pad=1, ndims=self.ndims, dtype=self.dtype, name="conv2")(y)
     return x + ops.maybe_norm(y, self.norm)
 
@@ -39,6 +39,6 @@ class HyperResBlock(nn.Module):
     c = x.shape[-1]
     kw = dict(c_w=self.c_w, pad=1, ndims=self.ndims, dtype=self.dtype)
     y = HyperConv(c, 3, name="conv1", **kw)(x, s)
-    y = ops.leaky_relu(ops.maybe_norm(y, self.norm))
+    y = ops.norm_leaky_relu(y, self.norm)
     y = HyperConv(c, 3, name="conv2", **kw)(y, s)
     return x + ops.maybe_norm(y, self.norm)
