@@ -114,7 +114,7 @@ def eval_throughput(model, params, config, n_volumes: int) -> float:
 def prepare_host(config) -> None:
   """CPU host settings from the config; before XLA starts its backend and threads."""
   host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
-  host_memory.keep_remat_barriers(bool(config.train.remat))
+  host_memory.keep_remat_barriers(bool(config.train.remat or config.train.recompute_elementwise))
   if config.train.cpu_heap_reuse:
     host_memory.reuse_freed_memory()
 
@@ -195,6 +195,7 @@ def main(argv):
       str(FLAGS["config"].config_filename),
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
       "dtype": str(config.train.dtype), "remat": bool(config.train.remat),
+      "recompute_elementwise": bool(config.train.recompute_elementwise),
       "codes": codes, "batch": list(gbatch["src"].shape),
       "sec_per_step": sec, "steps_per_s": 1.0 / sec,
       "voxels_per_s": float(np.prod(gbatch["src"].shape)) / sec,

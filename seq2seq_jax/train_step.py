@@ -31,7 +31,8 @@ def compute_dtype(name: str):
 
 def make_model(config: ml_collections.ConfigDict) -> Generator:
   return Generator.from_config(config.model, dtype=compute_dtype(config.train.dtype),
-                               remat=bool(config.train.remat))
+                               remat=bool(config.train.remat),
+                               recompute_elementwise=bool(config.train.recompute_elementwise))
 
 
 def poly_epoch_schedule(lr: float, min_lr: float, epochs: int,

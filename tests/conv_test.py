@@ -48,6 +48,35 @@ def test_gradients_equal_xla(case, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("ndims", [2, 3])
+def test_patches_kernel_gradient_equals_xla(ndims, monkeypatch):
+  """The tiled patches kernel gradient (few inputs, many rows) against XLA's, in 2D (tiles of
+  rows, odd size) and 3D (the depth-folded first conv, 1 input channel, k = 5)."""
+  monkeypatch.setattr(conv, "PATCHES_TO_TILE", 0)
+  monkeypatch.setattr(conv, "PATCH_TILE_BYTES", 1 << 14)  # several tiles, not one
+  rng = np.random.default_rng(3)
+  if ndims == 2:
+    x_shape, k_shape, pads = (2, 21, 13, 3), (5, 5, 3, 8), ((2, 2), (1, 3))
+    assert conv._grad_form((2, 25, 17, 3), k_shape, 1) == "patches"
+  else:
+    x_shape, k_shape, pads = (1, 10, 12, 9, 1), (5, 5, 5, 1, 6), ((2, 2),) * 3
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(k_shape) * 0.1, jnp.float32)
+  y_ref, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, 1, pads), x, w)
+  y, vjp = jax.vjp(lambda a, b: conv.conv_nd(a, b, 1, pads), x, w)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5 * float(jnp.abs(y_ref).max()), rtol=0)
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+
+
+def test_kernel_grad_form_policy():
+  """Patches for brats3d's first conv (1 → 16, k = 5, folded: 5 stacked inputs over 64³ rows),
+  XLA's for brats2d's (3 → 64, 7×7 at 192²), where its packing is small and it is faster."""
+  assert conv._grad_form((64, 68, 68, 5), (5, 5, 5, 16), 1) == "patches"
+  assert conv._grad_form((1, 198, 198, 3), (7, 7, 3, 64), 1) == "xla"
+
+
 def test_forward_form_policy():
   """The row-stacked forward where XLA's conv is slow (brats2d's latent, 96² and 192² layers,
   the folded 3D latent convs), XLA's on the toy model's small layers."""

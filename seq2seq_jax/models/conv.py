@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from seq2seq_jax.models import ops
 
@@ -21,6 +22,17 @@ from seq2seq_jax.models import ops
 kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 torch_default_uniform = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 zeros = nn.initializers.zeros
+
+
+# What `Generator(recompute_elementwise=True)` keeps for the backward pass: each layer's conv
+# output (before norm and activation) and the hypernetwork's per-code kernels.
+CONV_OUT = "conv_out"
+HYPER_KERNELS = "hyper_kernels"
+
+
+def conv_output(y: jnp.ndarray) -> jnp.ndarray:
+  """Marks `y` as a layer's conv output (`CONV_OUT`); the identity otherwise."""
+  return checkpoint_name(y, CONV_OUT)
 
 
 _LOOPS = contextvars.ContextVar("seq2seq_jax_conv_loops", default=True)
@@ -248,8 +260,19 @@ def _acc(a: jnp.ndarray):
   return jnp.promote_types(a.dtype, jnp.float32)
 
 
+# Few-input convs whose patches (k^d·cin columns, at most PATCH_COLUMNS) reach
+# PATCHES_TO_TILE bytes get `_patches_grad`: XLA's kernel gradient packs them all at once
+# outside its buffers. Below, XLA's is faster (brats2d's 3→64 7×7 at 192², 22 MB of
+# patches: 10 vs 22 ms).
+PATCH_COLUMNS = 256
+PATCHES_TO_TILE = 64 << 20
+# Patch bytes per tile of `_patches_grad` (4-32 MB tiles of brats3d's first conv: 51-96 ms).
+PATCH_TILE_BYTES = 8 << 20
+
+
 def _grad_form(x_shape, kernel_shape, stride: int) -> str:
-  """Which kernel-gradient form suits a conv (static shapes): 'narrow', 'wide' or 'xla'."""
+  """Which kernel-gradient form suits a conv (static shapes): 'narrow', 'patches', 'wide' or
+  'xla'."""
   ndims = len(x_shape) - 2
   k = kernel_shape[0]
   cin, cout = kernel_shape[-2:]
@@ -261,9 +284,39 @@ def _grad_form(x_shape, kernel_shape, stride: int) -> str:
   few = cout < cin and rows >= 1 << 14 or 4 * cout <= cin and rows >= 1 << 13
   if stride == 1 and cout * k ** ndims <= 1024 and few:
     return "narrow"
+  patch_bytes = rows * cin * k ** ndims * 4
+  if stride == 1 and cin * k ** ndims <= PATCH_COLUMNS and patch_bytes >= PATCHES_TO_TILE:
+    return "patches"
   if cin >= 32 and cout >= 32 and rows * cin * cout >= 1 << 24:
     return "wide"
   return "xla"
+
+
+def _patches_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
+  """dW = patches(x)ᵀ @ dy, `[k²·cin, cout]`, over tiles of output rows (2D, stride 1).
+
+  For convs with few inputs and many rows (brats3d's first conv, 5 stacked depth offsets ×
+  5² over 64³ rows): XLA CPU computes their kernel gradient as a convolution whose window is
+  the whole image, and its Eigen kernel packs all the patches at once, outside XLA's
+  buffers (there: 131 MB a call and 140-190 ms; as 8 MB tiles here, 61 ms). A tile's
+  patches are the k² shifted views of its rows side by side, one GEMM per tile; the tiles'
+  partial gradients are summed.
+  """
+  n, w, cin = x.shape[0], dy.shape[2], x.shape[-1]
+  h, cout = dy.shape[1], dy.shape[-1]
+
+  def tile(start, th):
+    xs = lax.dynamic_slice_in_dim(x, start, th + k - 1, axis=1)
+    cols = jnp.concatenate([xs[:, a:a + th, b:b + w] for a in range(k) for b in range(k)], -1)
+    dys = lax.dynamic_slice_in_dim(dy, start, th, axis=1)
+    return _dot_t(cols.reshape(-1, k * k * cin), dys.reshape(-1, cout))
+
+  row_bytes = n * w * k * k * cin * 4
+  th = max([d for d in range(1, h + 1) if h % d == 0 and d * row_bytes <= PATCH_TILE_BYTES],
+           default=1)
+  if th == h or not _LOOPS.get():
+    return tile(0, h)
+  return lax.map(lambda start: tile(start, th), jnp.arange(h // th) * th).sum(0)
 
 
 def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: int,
@@ -288,8 +341,10 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
     d = _shifted_columns(dy, k, x.shape[1:-1]).reshape(-1, len(offsets) * cout)
     g = _dot_t(x.reshape(-1, cin), d).reshape(cin, len(offsets), cout)
     return jnp.moveaxis(g, 0, 1).reshape(kernel.shape).astype(kernel.dtype)
+  if form == "patches":
+    return _patches_grad(x, dy, k).reshape(kernel.shape).astype(kernel.dtype)
   if form != "wide":
-    raise ValueError(f"kernel_grad form must be 'narrow' or 'wide', got {form!r}")
+    raise ValueError(f"kernel_grad form must be 'narrow', 'patches' or 'wide', got {form!r}")
   dy2 = dy.reshape(-1, cout)
   grads = []
   for offs in offsets:
@@ -390,7 +445,7 @@ class Conv(nn.Module):
     kernel = self.param("kernel", conv_kernel_init(self.ndims), kshape, jnp.float32)
     bias = self.param("bias", zeros, (self.features,), jnp.float32)
     x = ops.reflect_pad(x.astype(self.dtype), self.pad)
-    y = conv_nd(x, kernel.astype(self.dtype), self.stride) + bias.astype(self.dtype)
+    y = conv_output(conv_nd(x, kernel.astype(self.dtype), self.stride) + bias.astype(self.dtype))
     return y if self.post is None else self.post(y)
 
 

@@ -9,7 +9,7 @@ from jax import lax
 import jax
 import jax.numpy as jnp
 
-from seq2seq_jax.models.conv import conv_kernel_init, conv_nd, zeros
+from seq2seq_jax.models.conv import conv_kernel_init, conv_nd, conv_output, zeros
 
 
 def _gates(z: jnp.ndarray, hidden: int):
@@ -70,13 +70,14 @@ class ConvLSTM(nn.Module):
         keep = lambda a: jnp.concatenate([a[..., :self.hidden], a[..., 2 * self.hidden:]], -1)
         k_x, bias = keep(k_x), keep(bias)
       if const_in:
-        zx = conv_nd(inputs.astype(self.dtype), k_x, padding=pad) + bias.astype(self.dtype)
+        zx = conv_output(conv_nd(inputs.astype(self.dtype), k_x, padding=pad)
+                         + bias.astype(self.dtype))
         zx_at = lambda t, zx=zx: zx
         zx_rest = None
       else:
         b, t = inputs.shape[:2]
         flat = inputs.reshape((b * t,) + inputs.shape[2:]).astype(self.dtype)
-        zx = conv_nd(flat, k_x, padding=pad) + bias.astype(self.dtype)
+        zx = conv_output(conv_nd(flat, k_x, padding=pad) + bias.astype(self.dtype))
         zx = zx.reshape((b, t) + zx.shape[1:])
         zx_at = lambda t, zx=zx: zx[:, t]
         zx_rest = jnp.moveaxis(zx[:, 1:], 1, 0)  # time-major for the scan
@@ -91,7 +92,7 @@ class ConvLSTM(nn.Module):
 
       def step(carry, zx_t, k_h=k_h):
         h, c = carry
-        z = zx_t + conv_nd(h.astype(self.dtype), k_h, padding=pad)
+        z = conv_output(zx_t + conv_nd(h.astype(self.dtype), k_h, padding=pad))
         i, f, o, g = _gates(z.astype(state_dtype), self.hidden)
         c = f * c + i * g
         h = o * jnp.tanh(c)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from seq2seq_jax.models import ops
 from seq2seq_jax.models.config import norm_of, total_stride, validate_model_config
-from seq2seq_jax.models.conv import linear_init, zeros
+from seq2seq_jax.models.conv import CONV_OUT, HYPER_KERNELS, linear_init, zeros
 from seq2seq_jax.models.convlstm import ConvLSTM
 from seq2seq_jax.models.decoder import HyperDecoder
 from seq2seq_jax.models.encoder import Encoder
@@ -28,7 +29,10 @@ class Generator(nn.Module):
   ConvLSTM) and `render` (the hyper decoder) are exposed (`method=`), so that several targets
   can be decoded from one encoding and one decoder-LSTM pass. Attributes are the official
   config keys (see `models/config.py`), plus the compute `dtype` (params are always float32)
-  and `remat` (recompute blocks in backward).
+  and two ways of keeping less for the backward pass: `remat` (recompute blocks and
+  full-resolution stages, convolutions included) and `recompute_elementwise` (keep only each
+  layer's conv output and hyperconv kernels, recompute norms, activations, padding,
+  upsampling and LSTM gates from them).
   """
   ndims: int
   c_s: int
@@ -46,26 +50,38 @@ class Generator(nn.Module):
   nres_dec: int
   dtype: Any = jnp.float32
   remat: bool = False
+  recompute_elementwise: bool = False
 
   @classmethod
   def from_config(cls, cfg: Mapping[str, Any], dtype: Any = jnp.float32,
-                  remat: bool = False) -> "Generator":
+                  remat: bool = False, recompute_elementwise: bool = False) -> "Generator":
     validate_model_config(cfg)
     tup = lambda k: tuple(int(v) for v in cfg[k])
     return cls(ndims=int(cfg["ndims"]), c_s=int(cfg["c_s"]), c_w=int(cfg["c_w"]),
                c_in=int(cfg["c_in"]), c_enc=tup("c_enc"), k_enc=tup("k_enc"),
                s_enc=tup("s_enc"), nres_enc=int(cfg["nres_enc"]), norm=norm_of(cfg),
                c_lstm=int(cfg["c_lstm"]), c_dec=tup("c_dec"), k_dec=tup("k_dec"),
-               s_dec=tup("s_dec"), nres_dec=int(cfg["nres_dec"]), dtype=dtype, remat=remat)
+               s_dec=tup("s_dec"), nres_dec=int(cfg["nres_dec"]), dtype=dtype, remat=remat,
+               recompute_elementwise=recompute_elementwise)
 
   def setup(self):
     common = dict(ndims=self.ndims, norm=self.norm, dtype=self.dtype, remat=self.remat)
-    self.encoder = Encoder(self.c_enc, self.k_enc, self.s_enc, self.nres_enc, **common)
-    lstm = nn.remat(ConvLSTM, static_argnums=(2,)) if self.remat else ConvLSTM
+    encoder, decoder, lstm = Encoder, HyperDecoder, ConvLSTM
+    if self.recompute_elementwise:
+      # Without it a layer keeps its conv output, the normalised or activated copies its
+      # backward reads and the padded input of the next conv (brats3d's 64³ × 16 stages:
+      # three or four volumes where one suffices).
+      keep = jax.checkpoint_policies.save_only_these_names(CONV_OUT, HYPER_KERNELS)
+      encoder = nn.remat(Encoder, policy=keep)
+      decoder = nn.remat(HyperDecoder, policy=keep)
+      lstm = nn.remat(ConvLSTM, static_argnums=(2,), policy=keep)
+    if self.remat:
+      lstm = nn.remat(ConvLSTM, static_argnums=(2,))
+    self.encoder = encoder(self.c_enc, self.k_enc, self.s_enc, self.nres_enc, **common)
     self.enc_convlstm = lstm(self.c_lstm, ndims=self.ndims, dtype=self.dtype)
     self.dec_convlstm = lstm(self.c_lstm, ndims=self.ndims, dtype=self.dtype)
     self.style_fc = nn.Dense(self.c_s, kernel_init=linear_init, bias_init=zeros)
-    self.decoder = HyperDecoder(self.c_dec, self.k_dec, self.s_dec, self.nres_dec, self.c_w,
+    self.decoder = decoder(self.c_dec, self.k_dec, self.s_dec, self.nres_dec, self.c_w,
                                 **common)
 
   def _check_input(self, x: jnp.ndarray) -> None:

@@ -9,6 +9,7 @@ import itertools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from seq2seq_jax.models import ops
 from seq2seq_jax.models import conv
@@ -73,7 +74,7 @@ class HyperConv(nn.Module):
   def __call__(self, x: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
     if self.pre is not None:
       x = self.pre(x)
-    y = self._conv(x, s)
+    y = conv.conv_output(self._conv(x, s))
     return y if self.post is None else self.post(y)
 
   def _conv(self, x: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
@@ -89,8 +90,8 @@ class HyperConv(nn.Module):
     kernels = kernels.reshape((w.shape[0],) + kshape[:-1])  # [n, *k, in, out]
     biases = wb @ b.T  # [n, out]
     x = ops.reflect_pad(x.astype(self.dtype), self.pad)
-    kernels = kernels.astype(self.dtype)
-    biases = biases.astype(self.dtype)
+    kernels = checkpoint_name(kernels.astype(self.dtype), conv.HYPER_KERNELS)
+    biases = checkpoint_name(biases.astype(self.dtype), conv.HYPER_KERNELS)
     if s.shape[0] == 1:
       return conv_nd(x, kernels[0], self.stride) + biases[0]
     if s.shape[0] != x.shape[0]:
