@@ -17,4 +17,7 @@ def get_config():
   t.valid_size = (128, 192, 192)
   t.lambda_per = 0.0  # the official perceptual loss is 2D; on for 3D it uses axial slices
   t.batch_size = 1
+  # Keep only conv outputs for the backward pass: XLA temporaries 994 -> 679 MB at the same
+  # step time (experiments/README.md, "Performance").
+  t.recompute_elementwise = True
   return c
