@@ -64,16 +64,17 @@ def _cpu_only() -> bool:
 
 
 def keep_remat_barriers(remat: bool) -> bool:
-  """Makes `train.remat` recompute on CPU: keeps XLA CPU from deleting remat's barriers.
+  """Makes `train.remat` and `train.recompute_elementwise` recompute on CPU: keeps XLA CPU
+  from deleting remat's barriers.
 
   `jax.checkpoint` puts its recomputation behind an optimization barrier so that XLA cannot
   merge it with the forward pass (CSE). XLA CPU deletes every barrier right after its first
   CSE pass, and a later CSE then merges the recomputation away: with remat on, the compiled
   step was the step without it (a 16-layer chain: 62 dots in, 47 compiled, temporaries
   unchanged). Disabling that pass (`--xla_disable_hlo_passes=cse_barrier_expander`) keeps the
-  barriers to the end; CPU code generation treats them as no-ops. Only with remat on (the
-  barriers also stop fusions across them) and only where JAX will run on CPU: the GPU
-  compiler runs the same pass after scheduling, where the barrier has done its job.
+  barriers to the end; CPU code generation treats them as no-ops. Only with either option
+  on (the barriers also stop fusions across them) and only where JAX will run on CPU: the
+  GPU compiler runs the same pass after scheduling, where the barrier has done its job.
 
   Call it before the first computation (XLA reads XLA_FLAGS when its backend starts).
   Returns whether the flag is set.

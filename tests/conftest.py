@@ -5,7 +5,8 @@ import pathlib
 # Several CPU devices so that sharded code runs in tests; must precede the first jax import.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# As main.py with train.remat on: without it XLA CPU merges remat's recomputation away.
+# As main.py with train.remat or train.recompute_elementwise on: without it XLA CPU merges
+# their recomputation away.
 from seq2seq_jax import host_memory  # noqa: E402  (imports no jax)
 host_memory.keep_remat_barriers(True)
 # One persistent compilation cache for the whole run, subprocesses included: the many short
