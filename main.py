@@ -47,11 +47,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Before any device is touched: XLA reads XLA_FLAGS when its backend starts.
-  host_memory.use_lean_cpu_scheduler(bool(FLAGS.config.train.xla_cpu_lean_scheduler))
-  train_cfg = FLAGS.config.train
-  host_memory.keep_remat_barriers(bool(train_cfg.remat or train_cfg.recompute_elementwise))
-  if FLAGS.config.train.cpu_heap_reuse:  # before XLA starts its threads
-    host_memory.reuse_freed_memory()
+  host_memory.configure_cpu_host(FLAGS.config.train)
   if FLAGS.multihost or FLAGS.coordinator_address:
     # CPU-only runs (tests, debugging on one machine) need a collectives backend.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

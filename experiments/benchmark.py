@@ -112,11 +112,8 @@ def eval_throughput(model, params, config, n_volumes: int) -> float:
 
 
 def prepare_host(config) -> None:
-  """CPU host settings from the config; before XLA starts its backend and threads."""
-  host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
-  host_memory.keep_remat_barriers(bool(config.train.remat or config.train.recompute_elementwise))
-  if config.train.cpu_heap_reuse:
-    host_memory.reuse_freed_memory()
+  """CPU host settings from the config, as main.py; before XLA starts its backend."""
+  host_memory.configure_cpu_host(config.train)
 
 
 def build_step(config, codes: str, t: int = 1):

@@ -129,6 +129,19 @@ def reuse_freed_memory() -> bool:
   return all(libc.mallopt(k, v) == 1 for k, v in settings)
 
 
+def configure_cpu_host(train) -> None:
+  """The CPU host settings a training config's `train` fields ask for: XLA's scheduler,
+  remat barriers (`remat` or `recompute_elementwise`), freed-page reuse (`cpu_heap_reuse`).
+
+  Call it before the first computation and before XLA starts its threads (main.py and the
+  benchmarks do).
+  """
+  use_lean_cpu_scheduler(bool(train.xla_cpu_lean_scheduler))
+  keep_remat_barriers(bool(train.remat or train.recompute_elementwise))
+  if train.cpu_heap_reuse:
+    reuse_freed_memory()
+
+
 _TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT_ENV = "SEQ2SEQ_MALLOC_HUGE_PAGES"  # "0": never re-execute for huge pages
 

@@ -109,3 +109,18 @@ def test_keep_remat_barriers_sets_or_extends_the_disabled_passes(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")  # the GPU compiler needs its barrier pass
   assert not host_memory.keep_remat_barriers(True)
   assert os.environ["XLA_FLAGS"] == ""
+
+
+@pytest.mark.parametrize("remat,elementwise", [(False, False), (True, False), (False, True)])
+def test_configure_cpu_host_sets_what_the_train_fields_ask(monkeypatch, remat, elementwise):
+  """Either recompute option keeps the barriers; the scheduler flag follows the config."""
+  import ml_collections
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "")
+  train = ml_collections.ConfigDict(dict(
+      xla_cpu_lean_scheduler=True, remat=remat, recompute_elementwise=elementwise,
+      cpu_heap_reuse=False))
+  host_memory.configure_cpu_host(train)
+  flags = os.environ["XLA_FLAGS"]
+  assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in flags
+  assert ("cse_barrier_expander" in flags) == (remat or elementwise)
