@@ -194,14 +194,18 @@ def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
       y = term if y is None else y + term
     return y.astype(x.dtype)
 
-  row_bytes = n * x.shape[2] * k * cin * 4
-  th = max([d for d in range(1, h + 1) if h % d == 0 and d * row_bytes <= ROWS_TILE_BYTES],
-           default=1)
+  th = _rows_per_tile(h, n * x.shape[2] * k * cin * 4, ROWS_TILE_BYTES)
   if th == h or not tiled:
     return materialized(tile, x)
   y = lax.map(lambda start: tile(lax.dynamic_slice_in_dim(x, start, th + k - 1, axis=1)),
               jnp.arange(h // th) * th)  # [tiles, n, th, w, cout]: a buffer of its own
   return jnp.moveaxis(y, 0, 1).reshape(n, h, w, cout)
+
+
+def _rows_per_tile(h: int, row_bytes: int, tile_bytes: int) -> int:
+  """The largest divisor of `h` output rows whose tile fits `tile_bytes` (at least 1)."""
+  return max([d for d in range(1, h + 1) if h % d == 0 and d * row_bytes <= tile_bytes],
+             default=1)
 
 
 def materialized(fn, z: jnp.ndarray) -> jnp.ndarray:
@@ -311,9 +315,7 @@ def _patches_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
     dys = lax.dynamic_slice_in_dim(dy, start, th, axis=1)
     return _dot_t(cols.reshape(-1, k * k * cin), dys.reshape(-1, cout))
 
-  row_bytes = n * w * k * k * cin * 4
-  th = max([d for d in range(1, h + 1) if h % d == 0 and d * row_bytes <= PATCH_TILE_BYTES],
-           default=1)
+  th = _rows_per_tile(h, n * w * k * k * cin * 4, PATCH_TILE_BYTES)
   if th == h or not _LOOPS.get():
     return tile(0, h)
   return lax.map(lambda start: tile(start, th), jnp.arange(h // th) * th).sum(0)
