@@ -122,9 +122,10 @@ def main(argv):
   config = FLAGS.config
   if int(config.model.ndims) != 3:
     raise ValueError("spatial sharding is for 3D models: config.model.ndims must be 3")
-  # XLA's scheduler as training picks it (before the backend starts): the folded 3D convs
-  # need the lean one (brats3d at 64³ on one device: 1,890 MB with the other, 1,191 lean).
-  host_memory.use_lean_cpu_scheduler(bool(config.train.xla_cpu_lean_scheduler))
+  # The host settings training uses (before the backend starts): the folded 3D convs need the
+  # lean scheduler (brats3d at 64³ on one device: 1,890 MB with the other, 1,191 lean), and
+  # `recompute_elementwise` needs the remat barriers kept, or XLA CPU undoes part of it.
+  host_memory.configure_cpu_host(config.train)
   model = ts.make_model(config)
   c_s = int(config.model.c_s)
   stride = total_stride(config.model)
