@@ -52,6 +52,9 @@ def base_config(**model_kwargs) -> ml_collections.ConfigDict:
   # XLA CPU only: the plain scheduler (same brats2d step time, 45% less step memory) instead
   # of the concurrency-optimised one (14% faster on tiny models). Set before the backend starts.
   t.xla_cpu_lean_scheduler = True
+  # XLA CPU only: its MLIR fusion emitters (default) or its older LLVM IR ones, which compile
+  # with ~200 MB less peak memory, 2x slower, same step time on the toy model (host_memory.py).
+  t.xla_cpu_fusion_emitters = True
   # CPU only: glibc keeps freed pages for reuse, so XLA's per-step temporary block is not
   # page-faulted in anew every step (toy step -5%). Off by default: with GB-sized temporaries
   # heap fragmentation can hold the block twice (brats2d once peaked at 6.5 instead of 3.9 GB).

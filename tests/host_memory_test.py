@@ -113,14 +113,16 @@ def test_keep_remat_barriers_sets_or_extends_the_disabled_passes(monkeypatch):
 
 @pytest.mark.parametrize("remat,elementwise", [(False, False), (True, False), (False, True)])
 def test_configure_cpu_host_sets_what_the_train_fields_ask(monkeypatch, remat, elementwise):
-  """Either recompute option keeps the barriers; the scheduler flag follows the config."""
+  """Either recompute option keeps the barriers; the scheduler and fusion-emitter flags
+  follow the config."""
   import ml_collections
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", "")
   train = ml_collections.ConfigDict(dict(
       xla_cpu_lean_scheduler=True, remat=remat, recompute_elementwise=elementwise,
-      cpu_heap_reuse=False))
+      cpu_heap_reuse=False, xla_cpu_fusion_emitters=elementwise))
   host_memory.configure_cpu_host(train)
   flags = os.environ["XLA_FLAGS"]
   assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in flags
   assert ("cse_barrier_expander" in flags) == (remat or elementwise)
+  assert ("--xla_cpu_use_fusion_emitters=false" in flags) == (not elementwise)
