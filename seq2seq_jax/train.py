@@ -131,9 +131,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed from %s step %d", ckpt.directory, latest)
   else:
     state = jax.jit(lambda x: ts.init_state(model, config, x), out_shardings=state_sh)(sample_x)
-  # What the init's (or restore's) compilation freed goes back to the OS before the step
-  # compiles (toy: 397 → 290 MB RSS; see host_memory.py).
-  host_memory.release_free_memory()
   vgg = (jax.device_put(vgg, sharding.replicated(mesh)) if vgg is not None else None)
 
   batch_ndims = {"src": ndims + 3, "tgt": ndims + 3, "src_code": 2, "tgt_code": 2}
