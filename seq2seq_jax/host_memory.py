@@ -60,9 +60,9 @@ def use_cpu_fusion_emitters(on: bool) -> None:
   """Whether XLA CPU generates its fusions through its MLIR fusion emitters (its default) or
   its older LLVM IR emitters.
 
-  The older emitters compile the toy step with about 200 MB less peak memory (456–465 vs
-  619–660 MB peak RSS while compiling) at the same step time, but take about twice as long
-  (19–22 vs 11–12 s); on small models the compile, not the step, sets the process's peak.
+  The older emitters compile the toy step with about 200 MB less peak memory (416–465 vs
+  589–661 MB peak RSS while compiling) at the same step time, but take about twice as long
+  (19–25 vs 11–12 s); on small models the compile sets much of the process's peak.
   Before the first computation, as `use_lean_cpu_scheduler`. A value already in XLA_FLAGS wins.
   """
   flags = os.environ.get("XLA_FLAGS", "")
