@@ -17,11 +17,15 @@ def _run(module, *args):
 
 
 def test_benchmark_prints_one_json_line_with_the_step_figures():
-  row = json.loads(_run("experiments.benchmark", "--steps=2", "--conv_ref=false",
+  row = json.loads(_run("experiments.benchmark", "--steps=2",
                         "--codes=shared").strip().splitlines()[-1])
   assert row["codes"] == "shared" and row["batch"] == [4, 1, 16, 16, 3]
   assert row["sec_per_step"] > 0 and row["gflop_per_step"] > 0 and row["eval_volumes_per_s"] > 0
   assert row["xla_temp_mb"] > 0 and row["peak_rss_mb"] > 0
+  # The conv reference is read before and after the step; the higher reading counts.
+  assert len(row["conv_ref_readings"]) == 2
+  assert row["conv_ref_gflops"] == max(row["conv_ref_readings"]) > 0
+  assert abs(row["fraction_of_conv_ref"] - row["achieved_gflops"] / row["conv_ref_gflops"]) < 1e-9
 
 
 def test_profiler_attributes_kernels_to_layers(tmp_path):
