@@ -42,15 +42,20 @@ import sys
 _SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 
+def _add_xla_flag(flag: str, value: bool) -> None:
+  """Appends `flag=value` to XLA_FLAGS unless the user already set that flag there."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}={'true' if value else 'false'}".strip()
+
+
 def use_lean_cpu_scheduler(lean: bool) -> None:
   """Picks XLA CPU's plain (lean) or concurrency-optimised scheduler through XLA_FLAGS.
 
   XLA reads XLA_FLAGS when its first backend starts: call this before the first computation
   (main.py does, before anything touches a device). A value already in XLA_FLAGS wins.
   """
-  flags = os.environ.get("XLA_FLAGS", "")
-  if _SCHEDULER_FLAG not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {_SCHEDULER_FLAG}={'false' if lean else 'true'}".strip()
+  _add_xla_flag(_SCHEDULER_FLAG, not lean)
 
 
 _FUSION_EMITTERS_FLAG = "--xla_cpu_use_fusion_emitters"
@@ -65,9 +70,8 @@ def use_cpu_fusion_emitters(on: bool) -> None:
   (19–25 vs 11–12 s); on small models the compile sets much of the process's peak.
   Before the first computation, as `use_lean_cpu_scheduler`. A value already in XLA_FLAGS wins.
   """
-  flags = os.environ.get("XLA_FLAGS", "")
-  if _FUSION_EMITTERS_FLAG not in flags and not on:
-    os.environ["XLA_FLAGS"] = f"{flags} {_FUSION_EMITTERS_FLAG}=false".strip()
+  if not on:  # on is XLA's default: XLA_FLAGS stays as it is
+    _add_xla_flag(_FUSION_EMITTERS_FLAG, False)
 
 
 _BARRIER_PASS = "cse_barrier_expander"
