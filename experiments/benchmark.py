@@ -112,11 +112,6 @@ def eval_throughput(model, params, config, n_volumes: int) -> float:
   return 1.0 / float(np.median(times))
 
 
-def prepare_host(config) -> None:
-  """CPU host settings from the config, as main.py; before XLA starts its backend."""
-  host_memory.configure_cpu_host(config.train)
-
-
 def build_step(config, codes: str, t: int = 1):
   """The jitted train step on one device, a fresh state and a random batch.
 
@@ -164,7 +159,7 @@ def count_flops(model, config, state, gbatch, vgg) -> float:
 def main(argv):
   del argv
   config = FLAGS.config
-  prepare_host(config)
+  host_memory.configure_cpu_host(config.train)  # as main.py, before XLA's backend starts
   vgg = None
   if FLAGS.perceptual:
     vgg = vgg_lib.vgg19_params_from_state_dict(vgg_lib.random_vgg19_state_dict(0))

@@ -32,6 +32,7 @@ from absl import flags
 import jax
 
 from experiments import benchmark
+from seq2seq_jax import host_memory
 from seq2seq_jax import train_step as ts
 
 # --config, --steps (traced, after 3 warm-up steps) and --codes are experiments.benchmark's.
@@ -113,7 +114,7 @@ def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int):
 def main(argv):
   del argv
   config = FLAGS.config
-  benchmark.prepare_host(config)
+  host_memory.configure_cpu_host(config.train)  # as main.py, before XLA's backend starts
   config.train.lambda_per = 0.0
   _, state, gbatch, step, codes = benchmark.build_step(config, FLAGS.codes)
   compiled = ts.compile_step(step, state, gbatch, None)
