@@ -19,8 +19,11 @@ the toy step's 141 ms. `reuse_freed_memory` (`train.cpu_heap_reuse`) makes glibc
 pages for reuse instead: toy step 134 ms, 0 faults. With GB-sized blocks it is a gamble: small
 allocations can land in the freed block's hole, and the next step's block then extends the
 heap (brats2d: 3.9 GB peak in two runs, 6.5 GB in a third, against 4.1 GB without). The
-toy step too: its peak RSS over 40 steps was 498–712 MB with reuse against 530–537 without,
-at 0.139–0.150 against 0.159–0.171 s/step (alternating benchmark runs with huge pages).
+toy step's heap grows too: its peak RSS over 40 steps was 498–712 MB with reuse against
+530–537 without, at 0.139–0.150 against 0.159–0.171 s/step (alternating benchmark runs with
+huge pages). There glibc's statistics show bytes in use flat and the heap growing by one
+temporary block at a time: the next step's block is allocated before PJRT frees the previous
+one (experiments/README.md, "sixth session").
 
 Huge pages take most of that cost away without the gamble: glibc's `glibc.malloc.hugetlb=1`
 tunable asks for transparent huge pages on what malloc maps, so the block faults in 2 MB
