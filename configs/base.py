@@ -55,9 +55,10 @@ def base_config(**model_kwargs) -> ml_collections.ConfigDict:
   # XLA CPU only: its MLIR fusion emitters (default) or its older LLVM IR ones, which compile
   # with ~200 MB less peak memory, 2x slower, same step time on the toy model (host_memory.py).
   t.xla_cpu_fusion_emitters = True
-  # CPU only: glibc keeps freed pages for reuse, so XLA's per-step temporary block is not
-  # page-faulted in anew every step (toy step -5%). Off by default: with GB-sized temporaries
-  # heap fragmentation can hold the block twice (brats2d once peaked at 6.5 instead of 3.9 GB).
+  # CPU only: glibc keeps freed pages for reuse, so XLA's per-step temporaries are not
+  # page-faulted in anew every step (toy step -5%), and single-device steps run inline so that
+  # each frees them before the next allocates its own (host_memory.py). Off by default: with
+  # async steps brats2d once peaked at 6.5 instead of 3.9 GB; not yet measured with inline ones.
   t.cpu_heap_reuse = False
   t.keep_ckpts = 3           # latest checkpoints kept (the best one by PSNR is kept too)
   t.data_shards = 0          # loader shards making up a global batch; 0: one per process.

@@ -12,21 +12,22 @@ together. The plain scheduler gives brats2d's step the same time (6.8 s) with 1.
 2.7 GB of temporaries, but makes the small toy step 14% slower (0.154 vs 0.133 s), hence the
 per-config `train.xla_cpu_lean_scheduler`.
 
-XLA CPU allocates each step's temporaries as one block and frees it after the step; glibc
-serves a block that large with a fresh `mmap` (worker threads' arenas are capped at 64 MB a
-heap), so every step page-faults all of it in again: 17,400 faults and 34 ms of kernel time in
-the toy step's 141 ms. `reuse_freed_memory` (`train.cpu_heap_reuse`) makes glibc keep freed
-pages for reuse instead: toy step 134 ms, 0 faults. With GB-sized blocks it is a gamble: small
-allocations can land in the freed block's hole, and the next step's block then extends the
-heap (brats2d: 3.9 GB peak in two runs, 6.5 GB in a third, against 4.1 GB without). The
-toy step's heap grows too: its peak RSS over 40 steps was 498–712 MB with reuse against
-530–537 without, at 0.139–0.150 against 0.159–0.171 s/step (alternating benchmark runs with
-huge pages). There glibc's statistics show bytes in use flat and the heap growing by one
-temporary block at a time: the next step's block is allocated before PJRT frees the previous
-one (experiments/README.md, "sixth session").
+XLA CPU allocates a step's temporaries when the step starts and frees them after it; glibc
+serves buffers that large with a fresh `mmap` (its threshold rises to at most 32 MB, and
+worker threads' arenas are capped at 64 MB a heap), so every step page-faults all of them in
+again: 17,400 faults and 34 ms of kernel time in the toy step's 141 ms. `reuse_freed_memory`
+(`train.cpu_heap_reuse`) makes glibc keep freed pages for reuse instead: toy step 134 ms,
+0 faults. Its risk is the heap growing: with async dispatch the worker thread sets a step's
+outputs ready before it frees the step's temporaries, so the next step, dispatched at once,
+can allocate its own while they are still held, and the heap keeps both. The toy step's
+heap grew so by one step's temporaries at a time (330 → 597 MB in 60 steps; peak RSS 461–703
+MB over 13 runs); brats2d's one peak of 6.5 instead of 3.9 GB may have been the same. So
+`cpu_heap_reuse` also runs steps inline (`run_cpu_steps_inline`), which frees them first: toy
+arena 330 MB throughout, peak RSS 452–467 MB over 13 runs, same step time
+(experiments/README.md, "seventh session").
 
 Huge pages take most of that cost away without the gamble: glibc's `glibc.malloc.hugetlb=1`
-tunable asks for transparent huge pages on what malloc maps, so the block faults in 2 MB
+tunable asks for transparent huge pages on what malloc maps, so temporaries fault in 2 MB
 at a time instead of 4 kB (brats2d step 9.90 → 8.82 s, same peak RSS). glibc reads tunables
 only at start-up, so `use_malloc_huge_pages` re-executes the entry point once with it set.
 """
@@ -158,7 +159,7 @@ def reuse_freed_memory() -> bool:
 def configure_cpu_host(train) -> None:
   """The CPU host settings a training config's `train` fields ask for: XLA's scheduler,
   its fusion emitters (`xla_cpu_fusion_emitters`), remat barriers (`remat` or
-  `recompute_elementwise`), freed-page reuse (`cpu_heap_reuse`).
+  `recompute_elementwise`), freed-page reuse with inline steps (`cpu_heap_reuse`).
 
   Call it before the first computation and before XLA starts its threads (main.py and the
   benchmarks do).
@@ -168,6 +169,24 @@ def configure_cpu_host(train) -> None:
   keep_remat_barriers(bool(train.remat or train.recompute_elementwise))
   if train.cpu_heap_reuse:
     reuse_freed_memory()
+    run_cpu_steps_inline()
+
+
+def run_cpu_steps_inline() -> None:
+  """Makes the CPU client run each single-device computation on the calling thread, so that
+  a step has freed its temporaries by the time its outputs are ready.
+
+  With async dispatch (JAX's default) the step runs on a worker thread, which sets the
+  outputs ready and only then frees the step's temporary block. The next step, dispatched as
+  soon as its inputs are ready, can allocate its own block in between; with
+  `reuse_freed_memory` the heap then grows by one block at a time (toy: 330 → 597 MB arena
+  in 60 steps; 330 MB throughout inline). Inline, the block is freed before the outputs are
+  set ready. Computations over several devices stay asynchronous in XLA.
+
+  Call it before the first computation (the client reads the setting when it starts).
+  """
+  import jax  # here, not at the top: this module is imported before the re-exec
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 _TUNABLE = "glibc.malloc.hugetlb"
