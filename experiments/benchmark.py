@@ -191,6 +191,8 @@ def main(argv):
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
       "dtype": str(config.train.dtype), "remat": bool(config.train.remat),
       "recompute_elementwise": bool(config.train.recompute_elementwise),
+      # Whether steps ran on the calling thread (`train.cpu_heap_reuse`, host_memory.py).
+      "inline_steps": not jax.config.values["jax_cpu_enable_async_dispatch"],
       "codes": codes, "batch": list(gbatch["src"].shape),
       "sec_per_step": sec, "steps_per_s": 1.0 / sec,
       "voxels_per_s": float(np.prod(gbatch["src"].shape)) / sec,

@@ -20,10 +20,10 @@ again: 17,400 faults and 34 ms of kernel time in the toy step's 141 ms. `reuse_f
 0 faults. Its risk is the heap growing: with async dispatch the worker thread sets a step's
 outputs ready before it frees the step's temporaries, so the next step, dispatched at once,
 can allocate its own while they are still held, and the heap keeps both. The toy step's
-heap grew so by one step's temporaries at a time (330 → 597 MB in 60 steps; peak RSS 461–703
-MB over 13 runs); brats2d's one peak of 6.5 instead of 3.9 GB may have been the same. So
+heap grew so by one step's temporaries at a time (330 → 597 MB in 60 steps; peak RSS 461–709
+MB over 14 runs); brats2d's one peak of 6.5 instead of 3.9 GB may have been the same. So
 `cpu_heap_reuse` also runs steps inline (`run_cpu_steps_inline`), which frees them first: toy
-arena 330 MB throughout, peak RSS 452–467 MB over 13 runs, same step time
+arena 330 MB throughout, peak RSS 452–473 MB over 14 runs, same step time
 (experiments/README.md, "seventh session").
 
 Huge pages take most of that cost away without the gamble: glibc's `glibc.malloc.hugetlb=1`
