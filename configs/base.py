@@ -58,7 +58,8 @@ def base_config(**model_kwargs) -> ml_collections.ConfigDict:
   # CPU only: glibc keeps freed pages for reuse, so XLA's per-step temporaries are not
   # page-faulted in anew every step (toy step -5%), and single-device steps run inline so that
   # each frees them before the next allocates its own (host_memory.py). Off by default: with
-  # async steps brats2d once peaked at 6.5 instead of 3.9 GB; not yet measured with inline ones.
+  # async steps brats2d once peaked at 6.5 instead of 3.9 GB; with inline ones, brats2d and
+  # brats3d peaked as without it, with no clear speed gain (experiments/README.md).
   t.cpu_heap_reuse = False
   t.keep_ckpts = 3           # latest checkpoints kept (the best one by PSNR is kept too)
   t.data_shards = 0          # loader shards making up a global batch; 0: one per process.
