@@ -26,7 +26,7 @@ MB over 14 runs); brats2d's one peak of 6.5 instead of 3.9 GB may have been the 
 arena 330 MB throughout, peak RSS 452–473 MB over 14 runs, same step time
 (experiments/README.md, "seventh session").
 
-Huge pages take most of that cost away without the gamble: glibc's `glibc.malloc.hugetlb=1`
+Huge pages take most of that cost away without heap reuse: glibc's `glibc.malloc.hugetlb=1`
 tunable asks for transparent huge pages on what malloc maps, so temporaries fault in 2 MB
 at a time instead of 4 kB (brats2d step 9.90 → 8.82 s, same peak RSS). glibc reads tunables
 only at start-up, so `use_malloc_huge_pages` re-executes the entry point once with it set.
