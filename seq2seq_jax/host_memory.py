@@ -176,12 +176,9 @@ def run_cpu_steps_inline() -> None:
   """Makes the CPU client run each single-device computation on the calling thread, so that
   a step has freed its temporaries by the time its outputs are ready.
 
-  With async dispatch (JAX's default) the step runs on a worker thread, which sets the
-  outputs ready and only then frees the step's temporary block. The next step, dispatched as
-  soon as its inputs are ready, can allocate its own block in between; with
-  `reuse_freed_memory` the heap then grows by one block at a time (toy: 330 → 597 MB arena
-  in 60 steps; 330 MB throughout inline). Inline, the block is freed before the outputs are
-  set ready. Computations over several devices stay asynchronous in XLA.
+  With async dispatch (JAX's default) a worker thread frees them only after setting the
+  outputs ready, and under `reuse_freed_memory` the heap grows (figures in the module
+  docstring). Computations over several devices stay asynchronous in XLA.
 
   Call it before the first computation (the client reads the setting when it starts).
   """
