@@ -131,6 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed from %s step %d", ckpt.directory, latest)
   else:
     state = jax.jit(lambda x: ts.init_state(model, config, x), out_shardings=state_sh)(sample_x)
+  # Before the step's compilation, which then starts from less resident memory (host_memory.py).
+  host_memory.release_after_compile()
   vgg = (jax.device_put(vgg, sharding.replicated(mesh)) if vgg is not None else None)
 
   batch_ndims = {"src": ndims + 3, "tgt": ndims + 3, "src_code": 2, "tgt_code": 2}
@@ -158,10 +160,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = next(data_iter)
       gbatch = sharding.global_batch(mesh, {k: batch[k] for k in BATCH_KEYS})
       if compiled is None:
-        # Compiled ahead of the first step so that what compilation freed goes back to the OS
-        # before the step's own buffers are allocated (peak RSS; see host_memory.py).
+        # Compiled ahead of the first step so that what compilation freed, and the compiler's
+        # code, go back to the OS before the step's own buffers are allocated (peak RSS; see
+        # host_memory.py).
         compiled = ts.compile_step(train_step, state, gbatch, vgg)
-        host_memory.release_free_memory()
+        host_memory.release_after_compile()
       state, metrics = compiled(state, gbatch, vgg)
       pending.append(metrics)
       step += 1
@@ -191,7 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.set_postfix(loss=f"{scalars['train_loss']:.4f}", rec=f"{scalars['train_rec']:.4f}")
       metrics_at_step = None
       if views and eval_every > 0 and (step % eval_every == 0 or is_last):
+        first_eval = not last_eval
         last_eval = validation.validate(predictor, {"params": state["params"]}, views, c_s)
+        if first_eval:  # it compiled the predictor
+          host_memory.release_after_compile()
         log.scalars(step, {f"eval_{k}": v for k, v in last_eval.items() if k != "pairs"})
         metrics_at_step = {"eval_psnr": last_eval["psnr"]}
         bar.write(f"step {step}: eval PSNR {last_eval['psnr']:.2f} SSIM {last_eval['ssim']:.4f} "

@@ -184,3 +184,54 @@ def test_inline_steps_have_freed_their_temporaries_when_outputs_are_ready():
                                                  "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
   assert int(out.stdout.split()[-1]) == 0
+
+
+_PAGEOUT_PROBE = """
+import hashlib, mmap, os, sys
+import jax, jax.numpy as jnp
+from seq2seq_jax import host_memory
+
+def rss_mb(lo):
+  inside = False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()[0]
+      if "-" in head and not head.endswith(":"):
+        inside = int(head.split("-")[0], 16) == lo
+      elif inside and head == "Rss:":
+        return int(line.split()[1]) / 1024
+
+path = os.path.join(sys.argv[1], "code.bin")
+with open(path, "wb") as f:  # a stand-in library that no other process maps
+  f.write(os.urandom(16 << 20))
+  f.flush()
+  os.fsync(f.fileno())  # clean pages: the kernel reclaims those without writing them
+with open(path, "rb") as f:
+  m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_EXEC)
+digest = hashlib.sha256(m[:]).hexdigest()  # touches every page
+lo = next(int(l.split("-")[0], 16) for l in open("/proc/self/maps") if l.rstrip().endswith(path))
+before = rss_mb(lo)
+accepted = host_memory.page_out_compiler_code(roots=[os.path.join(sys.argv[1], "")])
+after = rss_mb(lo)
+same = hashlib.sha256(m[:]).hexdigest() == digest
+f = jax.jit(lambda x: jnp.tanh(x).sum())
+compiled = f.lower(jnp.ones(8)).compile()
+jaxlib_mappings = host_memory.page_out_compiler_code()  # default roots: jaxlib's libraries
+print(before, accepted, after, same, jaxlib_mappings, float(compiled(jnp.ones(8))))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_PAGEOUT)")
+def test_page_out_compiler_code_drops_resident_code_and_keeps_its_contents(tmp_path):
+  """A private executable mapping's resident pages go, its bytes read back the same, and the
+  default roots find jaxlib's own libraries (with a compiled function still right after)."""
+  out = subprocess.run([sys.executable, "-c", _PAGEOUT_PROBE, str(tmp_path)],
+                       capture_output=True, text=True, check=True,
+                       cwd=pathlib.Path(__file__).parents[1])
+  before, accepted, after, same, jaxlib_mappings, value = out.stdout.split()
+  assert float(before) >= 15  # 16 MB mapped and read
+  assert int(accepted) == 1
+  assert float(after) < 1, f"{after} MB of the mapping still resident"
+  assert same == "True"
+  assert int(jaxlib_mappings) >= 1
+  assert float(value) == pytest.approx(8 * 0.7615942, rel=1e-6)
