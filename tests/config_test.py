@@ -51,3 +51,20 @@ def test_model_and_train_fields_override_from_command_line():
 def test_unknown_key_is_an_error_naming_it():
   with pytest.raises(Exception, match="not_a_field"):
     _parse(f"--config={REPO}/configs/toy.py", "--config.train.not_a_field=1")
+
+
+def test_reading_configs_imports_no_jax():
+  """Launchers that only read configs (experiments/compare_official.py) must not map jaxlib:
+  its pages would then be shared with their children, where the compiler's code could not be
+  paged out (host_memory.page_out_compiler_code)."""
+  import subprocess
+  code = ("import importlib.util, sys\n"
+          f"for name in {CONFIGS!r}:\n"
+          f"  spec = importlib.util.spec_from_file_location(name, '{REPO}/configs/' + name + '.py')\n"
+          "  module = importlib.util.module_from_spec(spec)\n"
+          "  spec.loader.exec_module(module)\n"
+          "  module.get_config()\n"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, cwd=REPO)
+  assert out.stdout.strip() == "[]"
