@@ -1,5 +1,5 @@
-"""Host memory of the CPU step: XLA's CPU scheduler choice, remat that recomputes, and
-returning freed heap pages.
+"""Host memory of the CPU step: XLA's CPU scheduler choice, remat that recomputes,
+returning freed heap pages, and handing back the compiler's code after compiling.
 
 On CPU the train step's XLA buffers are ordinary heap allocations, and glibc keeps what
 initialisation and compilation freed (about 1 GB each on `brats2d`) as free heap pages, which
@@ -25,6 +25,14 @@ MB over 14 runs); brats2d's one peak of 6.5 instead of 3.9 GB may have been the 
 `cpu_heap_reuse` also runs steps inline (`run_cpu_steps_inline`), which frees them first: toy
 arena 330 MB throughout, peak RSS 452–473 MB over 14 runs, same step time
 (experiments/README.md, "seventh session").
+
+Compiling also leaves XLA's compiler code resident: jaxlib's one library holds the compiler
+(LLVM included) beside the runtime, and the pages a compilation ran stay mapped and counted
+in RSS. `release_after_compile` (train.py and the benchmark call it after initialising the
+state, after compiling the step and after the first evaluation) trims the heap and asks the
+kernel to reclaim those pages; the steps fault back the few they run. Toy benchmark peak RSS
+456–467 → 392–394 MB, brats3d 1.51–1.53 → 1.42 GB (experiments/README.md, "eighth
+session").
 
 Huge pages take most of that cost away without heap reuse: glibc's `glibc.malloc.hugetlb=1`
 tunable asks for transparent huge pages on what malloc maps, so temporaries fault in 2 MB
