@@ -183,7 +183,7 @@ def page_out_compiler_code(roots=None) -> int:
   default jaxlib's and the PJRT plugins'); returns how many mappings the kernel accepted.
 
   jaxlib's one library holds XLA's compiler (LLVM included) beside its runtime: compiling
-  the toy step leaves 116 MB of that code resident and counted in the process's RSS,
+  the toy step leaves 110 MB of that code resident and counted in the process's RSS,
   while the steps run 34 MB of it. Reclaiming keeps contents (the pages are clean; what
   runs again is read back from the file, so a later compilation pays major page faults),
   and the kernel skips pages that other processes map too: those cost their memory once,
