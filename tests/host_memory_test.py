@@ -41,7 +41,21 @@ def test_freed_pages_are_reused_instead_of_faulted_in_again():
   assert second_faults("reuse") < pages // 100
 
 
-_THP_PROBE = """
+# Prepended to the probes below: one field of /proc/self/smaps for the mapping holding `addr`.
+_SMAPS_FIELD = """
+def smaps_field(addr, name):
+  inside = False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()[0]
+      if "-" in head and not head.endswith(":"):
+        lo, hi = (int(v, 16) for v in head.split("-"))
+        inside = lo <= addr < hi
+      elif inside and head == name + ":":
+        return int(line.split()[1])
+"""
+
+_THP_PROBE = _SMAPS_FIELD + """
 import ctypes, os, sys
 from seq2seq_jax import host_memory
 host_memory.use_malloc_huge_pages()  # may re-execute this very script once
@@ -49,15 +63,7 @@ libc = host_memory._libc()
 libc.malloc.restype = ctypes.c_void_p
 p = libc.malloc(96 << 20)  # above glibc's mmap threshold: a mapping of its own
 ctypes.memset(p, 1, 96 << 20)
-eligible = None
-with open("/proc/self/smaps") as f:
-  for line in f:
-    head = line.split()[0]
-    if "-" in head and not head.endswith(":"):
-      lo, hi = (int(v, 16) for v in head.split("-"))
-      inside = lo <= p < hi
-    elif inside and head == "THPeligible:":
-      eligible = int(line.split()[1])
+eligible = smaps_field(p, "THPeligible")
 print(os.getpid(), os.environ.get("GLIBC_TUNABLES", ""), eligible)
 """
 
@@ -186,20 +192,13 @@ def test_inline_steps_have_freed_their_temporaries_when_outputs_are_ready():
   assert int(out.stdout.split()[-1]) == 0
 
 
-_PAGEOUT_PROBE = """
+_PAGEOUT_PROBE = _SMAPS_FIELD + """
 import hashlib, mmap, os, sys
 import jax, jax.numpy as jnp
 from seq2seq_jax import host_memory
 
 def rss_mb(lo):
-  inside = False
-  with open("/proc/self/smaps") as f:
-    for line in f:
-      head = line.split()[0]
-      if "-" in head and not head.endswith(":"):
-        inside = int(head.split("-")[0], 16) == lo
-      elif inside and head == "Rss:":
-        return int(line.split()[1]) / 1024
+  return smaps_field(lo, "Rss") / 1024
 
 path = os.path.join(sys.argv[1], "code.bin")
 with open(path, "wb") as f:  # a stand-in library that no other process maps
