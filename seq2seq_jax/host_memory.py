@@ -163,13 +163,12 @@ def _compiler_roots() -> list[str]:
 
 def _code_mappings(roots) -> list[tuple[int, int]]:
   """Address ranges of this process's executable file mappings under `roots`."""
-  ranges = []
+  ranges, prefixes = [], tuple(roots)
   try:
     with open("/proc/self/maps") as f:
       for line in f:
         parts = line.split(maxsplit=5)
-        if (len(parts) == 6 and parts[1] == "r-xp"
-            and parts[5].strip().startswith(tuple(roots))):
+        if len(parts) == 6 and parts[1] == "r-xp" and parts[5].strip().startswith(prefixes):
           lo, hi = (int(v, 16) for v in parts[0].split("-"))
           ranges.append((lo, hi))
   except OSError:  # no procfs (macOS)
