@@ -234,3 +234,39 @@ def test_guarded_adam_is_optax_adam_when_finite_and_a_no_op_when_not():
   kept = step(tx, bad, opt, p, jnp.bool_(False))
   for a, b in zip(jax.tree_util.tree_leaves(kept), jax.tree_util.tree_leaves(ours)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _event_scalars(logdir) -> dict:
+  """(tag, step) -> value from the TensorBoard event files in `logdir` (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  out = {}
+  for path in pathlib.Path(logdir).glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      n = int.from_bytes(data[pos:pos + 8], "little")
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4  # length, its CRC, the record, its CRC
+      for v in event.summary.value:
+        out[(v.tag, event.step)] = v.simple_value
+  return out
+
+
+def test_tensorboard_scalars_are_written_without_importing_torch(tmp_path):
+  # tensorboardX imports torch when it is installed (it is, for the tests): the logger must not.
+  probe = (
+      "import sys\n"
+      "from seq2seq_jax import train\n"
+      f"log = train._Logger({str(tmp_path)!r})\n"
+      "log.scalars(10, {'train_loss': 0.25, 'lr': 2e-4})\n"
+      "log.scalars(20, {'train_loss': 0.125})\n"
+      "log.close()\n"
+      "print('torch' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.split()[-1] == "False"
+  scalars = _event_scalars(tmp_path / "tensorboard")
+  assert scalars == {("train_loss", 10): 0.25, ("lr", 10): np.float32(2e-4),
+                     ("train_loss", 20): 0.125}
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert lines == [{"step": 10, "train_loss": 0.25, "lr": 2e-4}, {"step": 20, "train_loss": 0.125}]
