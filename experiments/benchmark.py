@@ -129,7 +129,7 @@ def build_step(config, codes: str, t: int = 1):
   batch = batch_for(config, t, codes)
   sample = jnp.zeros((1, 1) + batch["src"].shape[2:], jnp.float32)
   state_sh = ts.state_shardings(mesh, ts.abstract_state(model, config, sample))
-  state = jax.jit(lambda x: ts.init_state(model, config, x), out_shardings=state_sh)(sample)
+  state = ts.create_state(model, config, sample, state_sh)
   step = _make_step(model, config, mesh, state_sh, batch)
   return model, state, sharding.global_batch(mesh, batch), step, codes
 

@@ -28,10 +28,10 @@ arena 330 MB throughout, peak RSS 452–473 MB over 14 runs, same step time
 
 Compiling also leaves XLA's compiler code resident: jaxlib's one library holds the compiler
 (LLVM included) beside the runtime, and the pages a compilation ran stay mapped and counted
-in RSS. `release_after_compile` (train.py and the benchmark call it after initialising the
-state, after compiling the step and after the first evaluation) trims the heap and asks the
-kernel to reclaim those pages; the steps fault back the few they run. Toy benchmark peak RSS
-456–467 → 392–394 MB, brats3d 1.51–1.53 → 1.42 GB (experiments/README.md, "eighth
+in RSS. `release_after_compile` (called after initialising the state and after compiling the
+step, and in training after the first validation, samples and checkpoint) trims the heap and
+asks the kernel to reclaim those pages; the steps fault back the few they run. Toy benchmark
+peak RSS 456–467 → 392–394 MB, brats3d 1.51–1.53 → 1.42 GB (experiments/README.md, "eighth
 session").
 
 Huge pages take most of that cost away without heap reuse: glibc's `glibc.malloc.hugetlb=1`
@@ -82,8 +82,25 @@ def use_cpu_fusion_emitters(on: bool) -> None:
   (19–25 vs 11–12 s); on small models the compile sets much of the process's peak.
   Before the first computation, as `use_lean_cpu_scheduler`. A value already in XLA_FLAGS wins.
   """
-  if not on:  # on is XLA's default: XLA_FLAGS stays as it is
-    _add_xla_flag(_FUSION_EMITTERS_FLAG, False)
+  global _emitters_off_here
+  if not on and _FUSION_EMITTERS_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    _add_xla_flag(_FUSION_EMITTERS_FLAG, False)  # on is XLA's default: nothing to add then
+    _emitters_off_here = True
+
+
+_emitters_off_here = False  # whether use_cpu_fusion_emitters(False) set the flag
+
+
+def one_off_compile_options() -> dict:
+  """Compiler options for one-off compilations at start-up (the state's initialisation).
+
+  `use_cpu_fusion_emitters(False)` exists for the step's compile-time peak. The older
+  emitters compile the toy model's initialisation (a threefry kernel per parameter) in 25 s
+  instead of 7.6 s, with a lower peak (313 vs 360 MB RSS) that does not matter there: it
+  runs before anything else is resident, below training's later peak. So such compilations
+  get the MLIR emitters back, unless the user's own XLA_FLAGS turned them off.
+  """
+  return {"xla_cpu_use_fusion_emitters": True} if _emitters_off_here else {}
 
 
 _BARRIER_PASS = "cse_barrier_expander"

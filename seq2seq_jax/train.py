@@ -149,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_iter.set_state(data_states)
     logging.info("resumed from %s step %d", ckpt.directory, latest)
   else:
-    state = jax.jit(lambda x: ts.init_state(model, config, x), out_shardings=state_sh)(sample_x)
+    state = ts.create_state(model, config, sample_x, state_sh)
   # Before the step's compilation, which then starts from less resident memory (host_memory.py).
   host_memory.release_after_compile()
   vgg = (jax.device_put(vgg, sharding.replicated(mesh)) if vgg is not None else None)

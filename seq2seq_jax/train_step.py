@@ -15,6 +15,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from seq2seq_jax import host_memory
 from seq2seq_jax import sharding
 from seq2seq_jax.losses import seq2seq_objective
 from seq2seq_jax.models import Generator
@@ -84,6 +85,14 @@ def init_state(model: Generator, config: ml_collections.ConfigDict, sample_x: An
   params = model.init(init_rng, sample_x, code)["params"]
   return {"params": params, "opt_state": make_optimizer().init(params),
           "step": jnp.zeros((), jnp.int32), "rng": rng, "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def create_state(model: Generator, config: ml_collections.ConfigDict, sample_x: Any,
+                 state_sharding: Any) -> dict:
+  """`init_state`, jitted onto `state_sharding` (compiled as host_memory says for one-offs)."""
+  init = jax.jit(lambda x: init_state(model, config, x), out_shardings=state_sharding)
+  options = host_memory.one_off_compile_options() or None
+  return init.lower(sample_x).compile(compiler_options=options)(sample_x)
 
 
 def abstract_state(model: Generator, config: ml_collections.ConfigDict, sample_x: Any) -> dict:

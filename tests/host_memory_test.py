@@ -125,6 +125,7 @@ def test_configure_cpu_host_sets_what_the_train_fields_ask(monkeypatch, remat, e
   import ml_collections
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setattr(host_memory, "_emitters_off_here", False)  # restored afterwards
   reused = []
   # This process's allocator stays as it is; only the call is recorded.
   monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: reused.append(True))
@@ -143,6 +144,37 @@ def test_configure_cpu_host_sets_what_the_train_fields_ask(monkeypatch, remat, e
   assert ("cse_barrier_expander" in flags) == (remat or elementwise)
   assert ("--xla_cpu_use_fusion_emitters=false" in flags) == (not elementwise)
   assert bool(reused) == reuse and inline == reuse
+  # One-off compilations get the MLIR emitters back where this call turned them off.
+  assert host_memory.one_off_compile_options() == (
+      {} if elementwise else {"xla_cpu_use_fusion_emitters": True})
+
+
+def test_one_off_compile_options_leave_a_users_own_flag(monkeypatch):
+  monkeypatch.setattr(host_memory, "_emitters_off_here", False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
+  host_memory.use_cpu_fusion_emitters(False)
+  assert host_memory.one_off_compile_options() == {}
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_use_fusion_emitters=false"
+
+
+def test_both_fusion_emitters_initialise_the_same_state():
+  """The state's initialisation is compiled with the MLIR emitters even where the step uses
+  the older ones (`one_off_compile_options`): it must give the same state, bit for bit."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from configs import tiny
+  from seq2seq_jax import train_step as ts
+  config = tiny.get_config()
+  model = ts.make_model(config)
+  x = jnp.zeros((1, 1, 8, 8, int(config.model.c_in)), jnp.float32)
+  init = jax.jit(lambda x: ts.init_state(model, config, x)).lower(x)
+  states = [init.compile(compiler_options={"xla_cpu_use_fusion_emitters": on})(x)
+            for on in (False, True)]
+  leaves = [jax.tree_util.tree_leaves(s) for s in states]
+  assert len(leaves[0]) > 10
+  for a, b in zip(*leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 _LATE_FREE_PROBE = """
