@@ -33,6 +33,7 @@ def test_profiler_attributes_kernels_to_layers(tmp_path):
   text = _run("experiments.profile_step", "--steps=1", "--top=200",
               f"--trace_dir={tmp_path}")
   assert "ms/step in XLA's executor" in text
+  assert "# CPU time / wall time over 1 untraced steps: " in text
   layers = [l.split(None, 2)[2] for l in text.splitlines() if "%  " in l]
   # Forward and backward kernels of named layers, e.g. the decoder's output conv.
   assert any(l.startswith("forward  decoder/conv_last") for l in layers), layers
@@ -47,3 +48,27 @@ def test_layer_names():
   assert profile_step.layer_of("jit(step)/jvp(Generator)/Generator.encode/encoder/conv_0/"
                                "conv_general_dilated") == "forward  encoder/conv_0 "\
       "conv_general_dilated"
+
+
+def test_thread_cpu_time_counts_a_busy_loop():
+  import threading
+  import time
+
+  stop = threading.Event()
+
+  def spin():
+    while not stop.is_set():
+      pass
+
+  before, t0 = profile_step.thread_cpu_seconds(), time.perf_counter()
+  worker = threading.Thread(target=spin)
+  worker.start()
+  time.sleep(0.6)
+  after = profile_step.thread_cpu_seconds()  # while it still runs: an ended thread is gone
+  wall = time.perf_counter() - t0
+  stop.set()
+  worker.join()
+  busy = profile_step.busy_threads(before, after, wall)
+  # The spinning thread (a new tid, so all its CPU time counts) used most of the interval.
+  assert busy and busy[0][1] > 0.5, busy
+  assert profile_step.busy_threads({"1 a": 5.0}, {"1 a": 6.0, "2 b": 0.01}, 2.0) == [("a", 0.5)]
