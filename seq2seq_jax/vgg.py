@@ -55,7 +55,7 @@ def expected_shapes() -> dict:
 def _read_state_dict(path) -> Mapping[str, Any]:
   return weights_file.read_state_dict(
       path, "VGG19", "torchvision's ImageNet vgg19 state_dict saved with torch.save, or an "
-      ".npz with the same keys")
+      ".npz with the same keys", prefixes=("features.",))
 
 
 def vgg19_params_from_state_dict(state: Mapping[str, Any], source: str = "state dict") -> dict:

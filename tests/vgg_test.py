@@ -170,3 +170,39 @@ def test_check_vgg_weights(pth_path, tmp_path):
   # Without a perceptual term nothing is needed, so nothing is checked.
   assert vgg.check_vgg_weights(missing, lambda_per=0.0) is None
   assert "features.28" in vgg.check_vgg_weights(pth_path)
+
+
+_TORCH_FREE_READ = """
+import sys
+import numpy as np
+from seq2seq_jax import vgg
+path, out = sys.argv[1], sys.argv[2]
+params = vgg.check_vgg_weights(path)
+np.savez(out, **{f"{k}/{n}": np.asarray(v) for k, layer in params.items() for n, v in layer.items()})
+try:
+  vgg.check_vgg_weights(sys.argv[3])
+except ValueError as e:
+  print("ValueError:", e)
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_pth_is_read_without_importing_torch_into_the_process(pth_path, params, tmp_path):
+  """A process that has not imported torch reads a .pth through a child process: the same
+  params, the same errors, and torch never in its own modules."""
+  import pathlib
+  import subprocess
+  import sys
+  junk = tmp_path / "junk.pth"
+  junk.write_bytes(b"not a checkpoint")
+  out = tmp_path / "params.npz"
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  run = subprocess.run([sys.executable, "-c", _TORCH_FREE_READ, str(pth_path), str(out),
+                        str(junk)], cwd=repo, capture_output=True, text=True, check=True)
+  assert "torch imported: False" in run.stdout
+  assert "ValueError: could not read VGG19 weights from" in run.stdout and "junk.pth" in run.stdout
+  with np.load(out) as got:
+    want = {f"{k}/{n}": np.asarray(v) for k, layer in params.items() for n, v in layer.items()}
+    assert sorted(got.files) == sorted(want)
+    for k, v in want.items():
+      np.testing.assert_array_equal(got[k], v)
