@@ -54,11 +54,14 @@ import sys
 _SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 
-def _add_xla_flag(flag: str, value: bool) -> None:
-  """Appends `flag=value` to XLA_FLAGS unless the user already set that flag there."""
+def _add_xla_flag(flag: str, value: bool) -> bool:
+  """Appends `flag=value` to XLA_FLAGS unless the user already set that flag there; returns
+  whether it did."""
   flags = os.environ.get("XLA_FLAGS", "")
-  if flag not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {flag}={'true' if value else 'false'}".strip()
+  if flag in flags:
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {flag}={'true' if value else 'false'}".strip()
+  return True
 
 
 def use_lean_cpu_scheduler(lean: bool) -> None:
@@ -83,8 +86,7 @@ def use_cpu_fusion_emitters(on: bool) -> None:
   Before the first computation, as `use_lean_cpu_scheduler`. A value already in XLA_FLAGS wins.
   """
   global _emitters_off_here
-  if not on and _FUSION_EMITTERS_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    _add_xla_flag(_FUSION_EMITTERS_FLAG, False)  # on is XLA's default: nothing to add then
+  if not on and _add_xla_flag(_FUSION_EMITTERS_FLAG, False):  # on is XLA's default
     _emitters_off_here = True
 
 
