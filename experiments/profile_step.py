@@ -12,7 +12,7 @@ copies, ...). Times are kernel spans summed over threads, so with two cores they
 to more than the step's wall time; the printed coverage says how much of the wall time had
 some kernel running on the thread that started it. Work a library (YNNPACK, Eigen) hands to
 the other threads is not in the trace, so the script also prints each busy thread's CPU time
-over as many untraced steps (`brats2d`: coverage 57%, both workers 91-92% busy).
+over as many untraced steps, at least a second of them (`brats2d`: coverage 57%, both workers 91-92% busy).
 """
 
 from __future__ import annotations
@@ -155,10 +155,14 @@ def main(argv):
   # The trace marks a kernel only on the thread that starts it, not the work a library's
   # thread pool hands to the other threads, so its coverage understates how busy they are:
   # read their CPU time over as many untraced steps.
+  # /proc counts CPU time in clock ticks (10 ms), so a step of a few ms can read as idle:
+  # run at least one second's worth of steps.
   cpu0, t0 = thread_cpu_seconds(), time.perf_counter()
-  for _ in range(FLAGS.steps):
+  untraced = 0
+  while untraced < FLAGS.steps or time.perf_counter() - t0 < 1.0:
     state, m = compiled(state, gbatch, None)
     jax.block_until_ready(m)
+    untraced += 1
   busy = busy_threads(cpu0, thread_cpu_seconds(), time.perf_counter() - t0)
   run_dir = os.path.join(FLAGS.trace_dir, time.strftime("%Y%m%d-%H%M%S"))
   t0 = time.perf_counter()
@@ -179,7 +183,7 @@ def main(argv):
         f"the profiler's own overhead), kernels {total / n / 1e3:.1f} ms/step summed over "
         f"threads, some kernel running {covered / max(exec_us, 1) * 100:.0f}% of the time")
   if busy:
-    print(f"# CPU time / wall time over {n} untraced steps: " +
+    print(f"# CPU time / wall time over {untraced} untraced steps: " +
           ", ".join(f"{name} {share:.0%}" for name, share in busy) +
           f" ({sum(share for _, share in busy):.2f} cores)")
   print(f"# trace: {run_dir}")
