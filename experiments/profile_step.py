@@ -12,7 +12,8 @@ copies, ...). Times are kernel spans summed over threads, so with two cores they
 to more than the step's wall time; the printed coverage says how much of the wall time had
 some kernel running on the thread that started it. Work a library (YNNPACK, Eigen) hands to
 the other threads is not in the trace, so the script also prints each busy thread's CPU time
-over as many untraced steps, at least a second of them (`brats2d`: coverage 57%, both workers 91-92% busy).
+over as many untraced steps, and at least a second of them (`brats2d`: coverage 57%, both
+workers 91-92% busy).
 """
 
 from __future__ import annotations
@@ -154,9 +155,8 @@ def main(argv):
   jax.block_until_ready(m)
   # The trace marks a kernel only on the thread that starts it, not the work a library's
   # thread pool hands to the other threads, so its coverage understates how busy they are:
-  # read their CPU time over as many untraced steps.
-  # /proc counts CPU time in clock ticks (10 ms), so a step of a few ms can read as idle:
-  # run at least one second's worth of steps.
+  # read their CPU time over as many untraced steps, and over at least a second of them:
+  # /proc counts CPU time in 10 ms ticks, so one toy step of a few ms can read as idle.
   cpu0, t0 = thread_cpu_seconds(), time.perf_counter()
   untraced = 0
   while untraced < FLAGS.steps or time.perf_counter() - t0 < 1.0:
