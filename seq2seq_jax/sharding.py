@@ -76,3 +76,24 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     raise ValueError(f"config.train.batch_size={global_batch_size} must be a multiple of the "
                      f"mesh's data axis ({data}) and of the process count ({n_proc})")
   return global_batch_size // n_proc
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
+  """Blocks until every process has reached the barrier `name` (no-op with one process).
+
+  Uses the distributed runtime's coordination service, not a device collective. On CPU, a
+  program's first collective over a new group of devices sets up its gloo context, and that
+  set-up gives the other processes only 30 s to arrive: a process that compiled its train
+  step more than 30 s after another (on a loaded 2-core machine: compile times differ
+  that much) failed there with "Gloo context initialization failed ... GetKeyValue() timed
+  out", and the other hung. Calling this after compiling and before the first step keeps
+  processes within that window.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client multihost code (orbax too) uses
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError(f"{jax.process_count()} processes but no distributed client; call "
+                       "jax.distributed.initialize() first")
+  client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -185,6 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # host_memory.py).
         compiled = ts.compile_step(train_step, state, gbatch, vgg)
         host_memory.release_after_compile()
+        # Processes start the first step, whose collectives set up gloo on CPU, together.
+        sharding.wait_for_all_processes("train_step_compiled")
       state, metrics = compiled(state, gbatch, vgg)
       pending.append(metrics)
       step += 1
