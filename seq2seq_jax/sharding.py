@@ -91,7 +91,7 @@ def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
   """
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # the client multihost code (orbax too) uses
+  from jax._src import distributed  # the client that orbax's multihost helpers use too
   client = distributed.global_state.client
   if client is None:
     raise RuntimeError(f"{jax.process_count()} processes but no distributed client; call "
