@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from input_pipeline import loader
 from input_pipeline import prepare as prepare_lib
+from seq2seq_jax import sharding
 
 
 def prepare_data(config: ml_collections.ConfigDict) -> str:
@@ -28,8 +29,9 @@ def prepare_data(config: ml_collections.ConfigDict) -> str:
   path = None
   if jax.process_index() == 0:
     path = prepare_lib.prepare(data_cfg)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("prepare_data")
+  # Not a device collective: on CPU its gloo set-up would give the waiting processes only 30 s
+  # while process 0 prepares, which takes minutes on a real dataset (sharding.py).
+  sharding.wait_for_all_processes("prepare_data", timeout_s=24 * 3600.0)  # a whole dataset
   if path is None:
     path = prepare_lib.prepare(data_cfg)
   return path

@@ -86,8 +86,9 @@ def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
   set-up gives the other processes only 30 s to arrive: a process that compiled its train
   step more than 30 s after another (on a loaded 2-core machine: compile times differ
   that much) failed there with "Gloo context initialization failed ... GetKeyValue() timed
-  out", and the other hung. Calling this after compiling and before the first step keeps
-  processes within that window.
+  out", and the other hung. So this is the project's one barrier (`multihost_utils.
+  sync_global_devices` is a collective): while process 0 prepares the data, and after
+  compiling, before the first step, which keeps processes within that window.
   """
   if jax.process_count() == 1:
     return
