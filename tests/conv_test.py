@@ -70,6 +70,28 @@ def test_patches_kernel_gradient_equals_xla(ndims, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
 
 
+@pytest.mark.parametrize("tile_rows", [5, 66])
+def test_narrow_kernel_gradient_in_row_tiles_equals_xla(tile_rows, monkeypatch):
+  """The narrow kernel gradient over tiles of the padded input's rows against XLA's: 66 rows
+  as 13 tiles of 5 and a last tile of 1, and as one tile."""
+  rng = np.random.default_rng(4)
+  x_shape, k_shape, pads = (2, 64, 64, 32), (3, 3, 32, 3), ((1, 1), (1, 1))
+  assert conv._grad_form(x_shape, k_shape, 1) == "narrow"
+  row_bytes = 2 * 66 * 9 * 3 * 4  # one row of the shifted dy columns
+  monkeypatch.setattr(conv, "PATCH_TILE_BYTES", tile_rows * row_bytes + row_bytes // 2)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(k_shape) * 0.1, jnp.float32)
+  _, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, 1, pads), x, w)
+  y, vjp = jax.vjp(lambda a, b: conv.conv_nd(a, b, 1, pads), x, w)
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+  with conv.loops(False):  # one GEMM over the whole frame (the backward is traced here)
+    whole = jax.vjp(lambda a, b: conv.conv_nd(a, b, 1, pads), x, w)[1](dy)[1]
+  np.testing.assert_allclose(vjp(dy)[1], whole,
+                             atol=1e-5 * float(jnp.abs(vjp_ref(dy)[1]).max()), rtol=0)
+
+
 def test_kernel_grad_form_policy():
   """Patches for brats3d's first conv (1 → 16, k = 5, folded: 5 stacked inputs over 64³ rows),
   XLA's for brats2d's (3 → 64, 7×7 at 192²), where its packing is small and it is faster."""

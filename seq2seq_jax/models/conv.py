@@ -124,9 +124,17 @@ def _conv_bwd(stride, pads, fwd, grad, res, dy):
   x, kernel = res
   # The forward conv traced here is dead code after the transpose; XLA removes it.
   if grad == "xla":
-    return jax.vjp(lambda x_, k_: _xla_conv(x_, k_, stride, pads), x, kernel)[1](dy)
-  dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, pads), x)[1](dy)[0]
-  return dx, kernel_grad(x, dy, kernel, stride, pads, grad)
+    grads = jax.vjp(lambda x_, k_: _xla_conv(x_, k_, stride, pads), x, kernel)[1](dy)
+  else:
+    dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, pads), x)[1](dy)[0]
+    grads = dx, kernel_grad(x, dy, kernel, stride, pads, grad)
+  # dx only once dW is done, so that this layer's x and dy are freed as backprop passes it.
+  # The kernel gradient is needed only by the optimizer, after the whole backward pass, and
+  # XLA's scheduler otherwise put many layers' off until then, each keeping its x and dy
+  # alive meanwhile: brats2d's step held 132 such activations at its peak (XLA temporaries
+  # 855 -> 684 MB; experiments/README.md). XLA CPU keeps the barrier only where remat's are
+  # kept (`host_memory.keep_remat_barriers`); elsewhere this is a no-op.
+  return lax.optimization_barrier(grads)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -340,8 +348,7 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
   out = dy.shape[1:-1]
   offsets = list(itertools.product(range(k), repeat=ndims))
   if form == "narrow":
-    d = _shifted_columns(dy, k, x.shape[1:-1]).reshape(-1, len(offsets) * cout)
-    g = _dot_t(x.reshape(-1, cin), d).reshape(cin, len(offsets), cout)
+    g = _narrow_grad(x, dy, k).reshape(cin, len(offsets), cout)
     return jnp.moveaxis(g, 0, 1).reshape(kernel.shape).astype(kernel.dtype)
   if form == "patches":
     return _patches_grad(x, dy, k).reshape(kernel.shape).astype(kernel.dtype)
@@ -355,6 +362,41 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
     view = lax.slice(x, start, limit, (1,) + (stride,) * ndims + (1,))
     grads.append(_dot_t(view.reshape(-1, cin), dy2))
   return jnp.stack(grads).reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _narrow_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
+  """dW = xᵀ @ D, `[cin, k^d·cout]`, with D = `_shifted_columns(dy, k, frame)`, over tiles of
+  the (padded) input's rows; `x` is the padded input, stride 1.
+
+  D has k^d times dy's size over the whole input frame (brats2d's 128→64 3×3 decoder conv
+  at 192²: 83 MB, and XLA kept its nine shifted parts beside it, 83 MB more, at the step's
+  peak); a tile of it, built from the dy rows it reads, holds at most PATCH_TILE_BYTES. The
+  last tile takes the rows left over, so any frame height tiles.
+  """
+  ndims = x.ndim - 2
+  frame = x.shape[1:-1]
+  cin, cout = x.shape[-1], dy.shape[-1]
+  offsets = list(itertools.product(range(k), repeat=ndims))
+  dy_pad = jnp.pad(dy, ((0, 0),) + ((k - 1, k - 1),) * ndims + ((0, 0),))
+
+  def tile(start, th):  # D's frame rows [start, start + th) read dy_pad's [start, +th+k-1)
+    dys = lax.dynamic_slice_in_dim(dy_pad, start, th + k - 1, axis=1)
+    cols = [dys[(slice(None), slice(k - 1 - offs[0], k - 1 - offs[0] + th)) +
+                tuple(slice(k - 1 - o, k - 1 - o + n) for o, n in zip(offs[1:], frame[1:])) +
+                (slice(None),)]
+            for offs in offsets]
+    d = jnp.concatenate(cols, axis=-1).reshape(-1, len(offsets) * cout)
+    xs = lax.dynamic_slice_in_dim(x, start, th, axis=1)
+    return _dot_t(xs.reshape(-1, cin), d)
+
+  h = frame[0]
+  row_bytes = x.shape[0] * math.prod(frame[1:]) * len(offsets) * cout * 4
+  th = max(1, min(h, PATCH_TILE_BYTES // row_bytes))
+  if th == h or not _LOOPS.get():
+    return tile(0, h)
+  full = h // th
+  g = lax.map(lambda start: tile(start, th), jnp.arange(full) * th).sum(0)
+  return g if h % th == 0 else g + tile(full * th, h % th)
 
 
 def _shifted_columns(dy: jnp.ndarray, k: int, frame: Sequence[int]) -> jnp.ndarray:
