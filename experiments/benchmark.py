@@ -2,6 +2,7 @@
 
     python -m experiments.benchmark --config=configs/brats2d.py --steps=5
     python -m experiments.benchmark --config=configs/toy.py --steps=20 --codes=shared
+    python -m experiments.benchmark --config=configs/brats2d.py --compile_only  # XLA's memory
 
 The step is the official step's work: G(src, cs), G(src, ct), G(G(src, ct), cs), the SmoothL1
 terms (the perceptual term only with --perceptual, on random VGG19 weights), backward, Adam;
@@ -45,6 +46,8 @@ flags.DEFINE_integer("t", 1, "Images per sequence (phases of a dynamic sequence)
 flags.DEFINE_bool("conv_ref", True, "Also time one 256-channel 3x3 conv on 48^2 (GFLOP/s), "
                   "before and after the step; the higher reading is the reference.")
 flags.DEFINE_integer("eval_volumes", 1, "Whole volumes to time inference on (0: skip).")
+flags.DEFINE_bool("compile_only", False, "Only compile the step and print XLA's memory plan "
+                  "(temporaries, arguments) and the compile time; run nothing.")
 flags.mark_flag_as_required("config")
 
 
@@ -168,7 +171,7 @@ def main(argv):
     config.train.lambda_per = 0.0
   # The reference is read before the step and again at the end, and the higher reading kept:
   # on a shared VM one reading can come out at half the other (98 vs 167 GFLOP/s).
-  conv_refs = [conv_reference()] if FLAGS.conv_ref else []
+  conv_refs = [conv_reference()] if FLAGS.conv_ref and not FLAGS.compile_only else []
   model, state, gbatch, step, codes = build_step(config, FLAGS.codes, FLAGS.t)
   host_memory.release_after_compile()  # as train.py does after initialising the state
 
@@ -177,6 +180,15 @@ def main(argv):
   compile_s = time.perf_counter() - t0
   host_memory.release_after_compile()  # as train.py does between compiling and the first step
   rss_after_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  if FLAGS.compile_only:  # a minute on brats2d, where the full benchmark takes several
+    mem = compiled.memory_analysis()
+    print(json.dumps({"config": str(FLAGS["config"].config_filename),
+                      "remat": bool(config.train.remat),
+                      "recompute_elementwise": bool(config.train.recompute_elementwise),
+                      "compile_s": compile_s, "peak_rss_compile_mb": rss_after_compile,
+                      "xla_temp_mb": mem.temp_size_in_bytes / 2**20,
+                      "xla_args_mb": mem.argument_size_in_bytes / 2**20}))
+    return
   state, m = compiled(state, gbatch, vgg)
   jax.block_until_ready(m)
   times = []

@@ -28,6 +28,11 @@ def test_benchmark_prints_one_json_line_with_the_step_figures():
   assert len(row["conv_ref_readings"]) == 2
   assert row["conv_ref_gflops"] == max(row["conv_ref_readings"]) > 0
   assert abs(row["fraction_of_conv_ref"] - row["achieved_gflops"] / row["conv_ref_gflops"]) < 1e-9
+  # Compiling alone gives the same step's memory plan, and runs nothing.
+  plan = json.loads(_run("experiments.benchmark", "--compile_only", "--codes=shared",
+                         "--config.train.cpu_heap_reuse=True").strip().splitlines()[-1])
+  assert plan["xla_temp_mb"] == row["xla_temp_mb"] and plan["xla_args_mb"] == row["xla_args_mb"]
+  assert "sec_per_step" not in plan and plan["compile_s"] > 0
 
 
 def test_profiler_attributes_kernels_to_layers(tmp_path):
