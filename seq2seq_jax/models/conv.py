@@ -336,9 +336,9 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
   dW[o] = sum_p x_pad[s·p + o] ⊗ dy[p] for each kernel offset o. `form` is `_grad_form`'s
   choice ('narrow' or 'wide'; convs it leaves to XLA never get here): narrow outputs (e.g. the
   3-channel output conv) shift dy instead of x, so the k^d offsets become GEMM columns (one
-  [cin, k^d·cout] GEMM per tile of input rows, `_narrow_grad`); wide layers with enough work (the k^d small
-  GEMMs lose to XLA below about 2^24 multiply-adds per offset, e.g. 8 × 8² × 64²): one
-  [cin, cout] GEMM per offset over a strided view of x.
+  [cin, k^d·cout] GEMM per tile of input rows, `_narrow_grad`); wide layers with enough work
+  (the k^d small GEMMs lose to XLA below about 2^24 multiply-adds per offset, e.g. 8 × 8² ×
+  64²): one [cin, cout] GEMM per offset over a strided view of x.
   """
   ndims = x.ndim - 2
   k = kernel.shape[0]
