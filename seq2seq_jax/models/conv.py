@@ -376,21 +376,17 @@ def _narrow_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
   ndims = x.ndim - 2
   frame = x.shape[1:-1]
   cin, cout = x.shape[-1], dy.shape[-1]
-  offsets = list(itertools.product(range(k), repeat=ndims))
+  columns = k ** ndims * cout
   dy_pad = jnp.pad(dy, ((0, 0),) + ((k - 1, k - 1),) * ndims + ((0, 0),))
 
   def tile(start, th):  # D's frame rows [start, start + th) read dy_pad's [start, +th+k-1)
     dys = lax.dynamic_slice_in_dim(dy_pad, start, th + k - 1, axis=1)
-    cols = [dys[(slice(None), slice(k - 1 - offs[0], k - 1 - offs[0] + th)) +
-                tuple(slice(k - 1 - o, k - 1 - o + n) for o, n in zip(offs[1:], frame[1:])) +
-                (slice(None),)]
-            for offs in offsets]
-    d = jnp.concatenate(cols, axis=-1).reshape(-1, len(offsets) * cout)
+    d = _padded_columns(dys, k, (th,) + frame[1:]).reshape(-1, columns)
     xs = lax.dynamic_slice_in_dim(x, start, th, axis=1)
     return _dot_t(xs.reshape(-1, cin), d)
 
   h = frame[0]
-  row_bytes = x.shape[0] * math.prod(frame[1:]) * len(offsets) * cout * 4
+  row_bytes = x.shape[0] * math.prod(frame[1:]) * columns * 4
   th = max(1, min(h, PATCH_TILE_BYTES // row_bytes))
   if th == h or not _LOOPS.get():
     return tile(0, h)
@@ -407,7 +403,14 @@ def _shifted_columns(dy: jnp.ndarray, k: int, frame: Sequence[int]) -> jnp.ndarr
   kernel launch each (147 on the toy step).
   """
   ndims = dy.ndim - 2
-  dy_pad = jnp.pad(dy, ((0, 0),) + ((k - 1, k - 1),) * ndims + ((0, 0),))
+  return _padded_columns(jnp.pad(dy, ((0, 0),) + ((k - 1, k - 1),) * ndims + ((0, 0),)), k,
+                         frame)
+
+
+def _padded_columns(dy_pad: jnp.ndarray, k: int, frame: Sequence[int]) -> jnp.ndarray:
+  """`_shifted_columns` of a dy already padded with k - 1 zeros before each spatial axis (a
+  window of such a dy too: `_narrow_grad`'s row tiles), `[n, *frame, k^d·cout]`."""
+  ndims = dy_pad.ndim - 2
   cols = [dy_pad[(slice(None),) + tuple(slice(k - 1 - o, k - 1 - o + n)
                                         for o, n in zip(offs, frame)) + (slice(None),)]
           for offs in itertools.product(range(k), repeat=ndims)]
