@@ -159,6 +159,18 @@ def count_flops(model, config, state, gbatch, vgg) -> float:
     return _flops(step.lower(state, gbatch, vgg).compile())
 
 
+def _config_name() -> str:
+  value = FLAGS["config"].value
+  return value if isinstance(value, str) else str(FLAGS["config"].config_filename)
+
+
+def _xla_memory(compiled) -> dict:
+  """XLA's own buffer plan: live temporaries at the step's peak, and its arguments (MB)."""
+  mem = compiled.memory_analysis()
+  return {"xla_temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20,
+          "xla_args_mb": getattr(mem, "argument_size_in_bytes", 0) / 2**20}
+
+
 def main(argv):
   del argv
   config = FLAGS.config
@@ -181,13 +193,10 @@ def main(argv):
   host_memory.release_after_compile()  # as train.py does between compiling and the first step
   rss_after_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if FLAGS.compile_only:  # a minute on brats2d, where the full benchmark takes several
-    mem = compiled.memory_analysis()
-    print(json.dumps({"config": str(FLAGS["config"].config_filename),
-                      "remat": bool(config.train.remat),
+    print(json.dumps({"config": _config_name(), "remat": bool(config.train.remat),
                       "recompute_elementwise": bool(config.train.recompute_elementwise),
                       "compile_s": compile_s, "peak_rss_compile_mb": rss_after_compile,
-                      "xla_temp_mb": mem.temp_size_in_bytes / 2**20,
-                      "xla_args_mb": mem.argument_size_in_bytes / 2**20}))
+                      **_xla_memory(compiled)}))
     return
   state, m = compiled(state, gbatch, vgg)
   jax.block_until_ready(m)
@@ -199,8 +208,7 @@ def main(argv):
     times.append(time.perf_counter() - t1)
   sec = float(np.median(times))
   out = {
-      "config": FLAGS["config"].value if isinstance(FLAGS["config"].value, str) else
-      str(FLAGS["config"].config_filename),
+      "config": _config_name(),
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
       "dtype": str(config.train.dtype), "remat": bool(config.train.remat),
       "recompute_elementwise": bool(config.train.recompute_elementwise),
@@ -215,10 +223,7 @@ def main(argv):
   # Peak RSS of the training step alone (ru_maxrss is a lifetime peak: read it before eval,
   # and before `memory_analysis`, which training never calls: it holds 112 MB more on brats3d).
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  # XLA's own buffer plan: live temporaries at the step's peak, and its arguments.
-  mem = compiled.memory_analysis()
-  out["xla_temp_mb"] = getattr(mem, "temp_size_in_bytes", 0) / 2**20
-  out["xla_args_mb"] = getattr(mem, "argument_size_in_bytes", 0) / 2**20
+  out.update(_xla_memory(compiled))
   flops = count_flops(model, config, state, gbatch, vgg)
   out["gflop_per_step"], out["achieved_gflops"] = flops / 1e9, flops / 1e9 / sec
   if FLAGS.eval_volumes > 0:
