@@ -1,6 +1,7 @@
 """conv_nd's own forward and kernel gradient against XLA's convolution and its gradient."""
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -146,7 +147,7 @@ def test_3d_depth_folded_conv_equals_xla(case):
                          ids=lambda c: "x".join(map(str, c[:5])))
 @pytest.mark.parametrize("smallest", [True, False], ids=["chunk1", "chunk2+"])
 def test_3d_depth_chunked_conv_equals_xla(case, smallest, monkeypatch):
-  """The chunked path (lax.map over output depth, its own VJP) on every stride-1 case, with
+  """The chunked path (a loop over output depth, its own VJP) on every stride-1 case, with
   chunks of one slice and of the smallest divisor above one (below k - 1 for the k = 5
   cases, so that a chunk's input gradient spills over more than the next chunk)."""
   from seq2seq_jax.models import conv3d
@@ -162,7 +163,7 @@ def test_3d_depth_chunked_conv_equals_xla(case, smallest, monkeypatch):
   if chunk == out_depth:
     pytest.skip("one chunk is the whole volume")
   assert conv3d.chunk_size(x.shape, w.shape, stride, pads) == chunk
-  assert "scan" in str(jax.make_jaxpr(f)(x, w))  # lax.map
+  assert "scan" in str(jax.make_jaxpr(f)(x, w))  # the loop over chunks
   with conv3d.depth_chunking(False):  # a new function: jax caches traces by function
     off = jax.make_jaxpr(lambda a, b: f(a, b))(x, w)
     convs = [e for e in off.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
@@ -235,7 +236,7 @@ def test_per_example_narrow_conv_matches_the_patches_form():
 
 def test_loops_off_gives_the_same_conv_without_loops():
   """`conv.loops(False)` (the benchmark's FLOP count) runs the tiled row-stacked forward and
-  the depth-chunked 3D conv as single ops: no `lax.map` in the trace, the same values."""
+  the depth-chunked 3D conv as single ops: no loop in the trace, the same values."""
   from seq2seq_jax.models import conv3d
   rng = np.random.default_rng(6)
   x2 = jnp.asarray(rng.standard_normal((1, 66, 66, 64)), jnp.float32)
@@ -253,3 +254,60 @@ def test_loops_off_gives_the_same_conv_without_loops():
       want = plain(x, w)
     np.testing.assert_allclose(looped(x, w), want, rtol=0,
                                atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_map_concat_and_map_sum_equal_concatenate_and_sum(count):
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 4, 5)), jnp.float32)
+  fn = lambda i: jnp.sin(x * (i + 1.0))
+  parts = [fn(i) for i in range(count)]
+  for axis in (0, 1):
+    got = jax.jit(lambda: conv.map_concat(fn, count, axis, like=x))()
+    np.testing.assert_allclose(got, jnp.concatenate(parts, axis), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(lambda: conv.map_sum(fn, count, like=x))(), sum(parts),
+                             rtol=0, atol=1e-6)
+
+
+def _loop_starts(closed_jaxpr, shapes) -> list[str]:
+  """What makes the start of every loop carry of one of `shapes`, in `closed_jaxpr` and the
+  jaxprs inside it: the producing primitive's name (or 'input')."""
+  found = []
+
+  def walk(jaxpr):
+    producer = {v: e.primitive.name for e in jaxpr.eqns for v in e.outvars}
+    for e in jaxpr.eqns:
+      if e.primitive.name == "scan":
+        lo = e.params["num_consts"]
+        for v in e.invars[lo:lo + e.params["num_carry"]]:
+          if tuple(v.aval.shape) in shapes:
+            found.append(producer.get(v, "input"))
+      for p in e.params.values():
+        for sub in p if isinstance(p, (tuple, list)) else (p,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            walk(sub)
+  walk(closed_jaxpr.jaxpr)
+  return found
+
+
+def test_chunked_3d_conv_loops_start_from_zeros_of_their_own(monkeypatch):
+  """The chunked 3D conv's loops (forward output, backward dx) start from
+  `conv.fresh_zeros` (a conditional), not from a zero broadcast: XLA merges equal
+  broadcasts of all calls into one template that stays alive through the backward pass
+  (brats3d at 96³: 260 MB at the step's peak). The check flags a `jnp.zeros` start."""
+  from seq2seq_jax.models import conv3d
+  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
+  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 2 * 8 * 8)
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.standard_normal((1, 8, 8, 8, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 2)) * 0.1, jnp.float32)
+  pads = ((1, 1),) * 3
+  assert conv3d.chunk_size(x.shape, w.shape, 1, pads) == 2
+  loss = lambda a, b: jnp.sum(conv.conv_nd(a, b, 1, pads) ** 2)
+  y_loop, dx_loop = (8, 8, 8, 2), (10, 1, 10, 10, 4)  # [depth·b, h, w, cout]; padded dx
+  starts = _loop_starts(jax.make_jaxpr(jax.grad(loss, (0, 1)))(x, w), [y_loop, dx_loop])
+  assert starts == ["cond", "cond"]
+  plain = jax.make_jaxpr(lambda a: lax.scan(lambda c, i: (c + a[0, i], None),
+                                            jnp.zeros(a.shape[2:]), jnp.arange(4)))(x)
+  assert _loop_starts(plain, [(8, 8, 4)]) == ["broadcast_in_dim"]

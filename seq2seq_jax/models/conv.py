@@ -40,7 +40,7 @@ _LOOPS = contextvars.ContextVar("seq2seq_jax_conv_loops", default=True)
 
 @contextlib.contextmanager
 def loops(enabled: bool) -> Iterator[None]:
-  """Whether convs traced inside may loop over tiles or depth chunks (`lax.map`).
+  """Whether convs traced inside may loop over tiles or depth chunks (`map_concat`).
 
   Off, each such conv is one op with the same multiply-adds (the row-stacked forward in one
   tile, a depth-chunked 3D conv as one folded conv) and more memory. For XLA's cost analysis,
@@ -55,6 +55,49 @@ def loops(enabled: bool) -> Iterator[None]:
 
 def loops_enabled() -> bool:
   return _LOOPS.get()
+
+
+def fresh_zeros(shape: Sequence[int], dtype: Any, like: jnp.ndarray) -> jnp.ndarray:
+  """Zeros in a buffer of this call's own, for a loop to write into.
+
+  A plain zero broadcast (`jnp.zeros`, or the output buffer `lax.map` starts from) is the
+  same instruction in every call with the same shape: XLA merges them into one (CSE) and
+  copies that template into each loop, so it stays alive from the first call to the last,
+  across the whole backward pass (brats3d at 96³: 260 MB of templates live at the step's
+  peak). Made by a conditional on `like` (see `materialized`), the zeros are per call.
+  """
+  return materialized(lambda _: jnp.zeros(shape, dtype), like)
+
+
+def map_concat(fn: Callable[[jnp.ndarray], jnp.ndarray], count: int, axis: int,
+               like: jnp.ndarray) -> jnp.ndarray:
+  """`concatenate([fn(i) for i in range(count)], axis)` as a loop (as `lax.map`, but each
+  result is written in place along `axis` into `fresh_zeros`, ordered by `like`)."""
+  out = jax.eval_shape(fn, jnp.int32(0))
+  if count == 1:
+    return fn(jnp.int32(0))
+  size = out.shape[axis]
+  shape = list(out.shape)
+  shape[axis] = count * size
+
+  def body(y, i):
+    return lax.dynamic_update_slice_in_dim(y, fn(i).astype(y.dtype), i * size, axis), None
+  y, _ = lax.scan(body, fresh_zeros(shape, out.dtype, like),
+                  jnp.arange(count, dtype=jnp.int32))
+  return y
+
+
+def map_sum(fn: Callable[[jnp.ndarray], jnp.ndarray], count: int,
+            like: jnp.ndarray) -> jnp.ndarray:
+  """`sum(fn(i) for i in range(count))` as a loop into `fresh_zeros` (not
+  `lax.map(...).sum(0)`, which stores every result before the sum)."""
+  out = jax.eval_shape(fn, jnp.int32(0))
+  if count == 1:
+    return fn(jnp.int32(0))
+  total, _ = lax.scan(lambda acc, i: (acc + fn(i), None),
+                      fresh_zeros(out.shape, out.dtype, like),
+                      jnp.arange(count, dtype=jnp.int32))
+  return total
 
 
 def dimension_numbers(ndims: int) -> tuple[str, str, str]:
@@ -180,7 +223,7 @@ def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
   `[(a, cin), (b, cout)]`, y[n, i, j] = sum_b Z[n, i, j + b, b]: the k row offsets are the
   GEMM's depth (k·cin) and the k column offsets its width (k·cout), so it is a well-shaped GEMM
   where the k²·cin patches would copy the input k² times. Runs over tiles of output rows
-  (`lax.map`) whose stacked rows fit in ROWS_TILE_BYTES: R and Z then stay in cache, 1.9-2.6×
+  (`map_concat`) whose stacked rows fit in ROWS_TILE_BYTES: R and Z then stay in cache, 1.9-2.6×
   faster on brats2d's 96² and 192² layers than one tile (`tiled=False`). Accumulates in
   float32 (float64 for float64).
   """
@@ -205,9 +248,9 @@ def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
   th = _rows_per_tile(h, n * x.shape[2] * k * cin * 4, ROWS_TILE_BYTES)
   if th == h or not tiled:
     return materialized(tile, x)
-  y = lax.map(lambda start: tile(lax.dynamic_slice_in_dim(x, start, th + k - 1, axis=1)),
-              jnp.arange(h // th) * th)  # [tiles, n, th, w, cout]: a buffer of its own
-  return jnp.moveaxis(y, 0, 1).reshape(n, h, w, cout)
+  # The loop's output is a buffer of its own, as `materialized` makes the one tile's.
+  return map_concat(lambda i: tile(lax.dynamic_slice_in_dim(x, i * th, th + k - 1, axis=1)),
+                    h // th, axis=1, like=x)
 
 
 def _rows_per_tile(h: int, row_bytes: int, tile_bytes: int) -> int:
@@ -326,7 +369,7 @@ def _patches_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
   th = _rows_per_tile(h, n * w * k * k * cin * 4, PATCH_TILE_BYTES)
   if th == h or not _LOOPS.get():
     return tile(0, h)
-  return lax.map(lambda start: tile(start, th), jnp.arange(h // th) * th).sum(0)
+  return map_sum(lambda i: tile(i * th, th), h // th, like=dy)
 
 
 def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: int,
@@ -391,7 +434,7 @@ def _narrow_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
   if th == h or not _LOOPS.get():
     return tile(0, h)
   full = h // th
-  g = lax.map(lambda start: tile(start, th), jnp.arange(full) * th).sum(0)
+  g = map_sum(lambda i: tile(i * th, th), full, like=dy)
   return g if h % th == 0 else g + tile(full * th, h % th)
 
 

@@ -7,9 +7,9 @@ With y[d] = sum_j conv2d(x[stride·d + j], W[j]) the depth slices go into the 2D
 batch (depth-major, so that a depth-sharded volume stays sharded) and the k depth offsets j
 into its channels, so the 2D forms of `conv.conv_nd` serve 3D too.
 
-Large stride-1 layers (the decoder's at full resolution) run in chunks of output depth
-under `lax.map`, with a custom VJP that maps over the same chunks, so a chunk's stacked
-inputs and GEMM columns stay small (brats3d: XLA temporaries 2.19 → 1.14 GB at the same
+Large stride-1 layers (the decoder's at full resolution) run in chunks of output depth in a
+loop (`conv.map_concat`), with a custom VJP that loops over the same chunks, so a chunk's
+stacked inputs and GEMM columns stay small (brats3d: XLA temporaries 2.19 → 1.14 GB at the same
 step time). Chunking would gather a depth-sharded volume onto every device, so spatially
 sharded steps turn it off (`depth_chunking(False)`), and those layers are XLA's own 3D conv
 there: unchunked, the folded forms' whole-volume temporaries cut the largest volume that
@@ -141,12 +141,11 @@ def _map_conv(x: jnp.ndarray, kernel: jnp.ndarray, chunk: int) -> jnp.ndarray:
   out_depth = x.shape[1] - k + 1
   w = _stacked_kernel(kernel)
 
-  def body(start):
-    xs = lax.dynamic_slice_in_dim(x, start, chunk + k - 1, axis=1)
-    return conv.conv_nd(_stacked(xs, k, chunk), w, 1)
-  y = lax.map(body, jnp.arange(out_depth // chunk) * chunk)
-  y = y.reshape((out_depth, b) + y.shape[2:])  # chunks are depth-major inside
-  return jnp.moveaxis(y, 0, 1)
+  def body(i):
+    xs = lax.dynamic_slice_in_dim(x, i * chunk, chunk + k - 1, axis=1)
+    return conv.conv_nd(_stacked(xs, k, chunk), w, 1)  # [chunk·b, h, w, cout], depth-major
+  y = conv.map_concat(body, out_depth // chunk, axis=0, like=x)
+  return jnp.moveaxis(y.reshape((out_depth, b) + y.shape[1:]), 0, 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -191,7 +190,7 @@ def _chunked_bwd(chunk, res, dy):
     dx = lax.dynamic_update_slice_in_dim(dx, old + dxs.astype(dx.dtype), start, axis=0)
     return (gw_sum + gw, dx), None
 
-  dx0 = jnp.zeros((n * chunk + k - 1, b) + x.shape[2:], conv._acc(dy))
+  dx0 = conv.fresh_zeros((n * chunk + k - 1, b) + x.shape[2:], conv._acc(dy), dy)
   gw0 = jnp.zeros((k, cin, kernel.shape[1] * kernel.shape[2] * cout), conv._acc(dy))
   (gw, dx), _ = lax.scan(body, (gw0, dx0), jnp.arange(n) * chunk)
   dx = jnp.moveaxis(dx, 0, 1)  # [b, depth, ...]
