@@ -71,8 +71,8 @@ def fresh_zeros(shape: Sequence[int], dtype: Any, like: jnp.ndarray) -> jnp.ndar
 
 def map_concat(fn: Callable[[jnp.ndarray], jnp.ndarray], count: int, axis: int,
                like: jnp.ndarray) -> jnp.ndarray:
-  """`concatenate([fn(i) for i in range(count)], axis)` as a loop (as `lax.map`, but each
-  result is written in place along `axis` into `fresh_zeros`, ordered by `like`)."""
+  """`concatenate([fn(i) for i in range(count)], axis)` as a loop: as `lax.map`, but each
+  result is written in place along `axis`, into `fresh_zeros` made on `like`."""
   out = jax.eval_shape(fn, jnp.int32(0))
   if count == 1:
     return fn(jnp.int32(0))
@@ -89,8 +89,8 @@ def map_concat(fn: Callable[[jnp.ndarray], jnp.ndarray], count: int, axis: int,
 
 def map_sum(fn: Callable[[jnp.ndarray], jnp.ndarray], count: int,
             like: jnp.ndarray) -> jnp.ndarray:
-  """`sum(fn(i) for i in range(count))` as a loop into `fresh_zeros` (not
-  `lax.map(...).sum(0)`, which stores every result before the sum)."""
+  """`sum(fn(i) for i in range(count))` as a loop, summed into `fresh_zeros` made on `like`
+  (not `lax.map(...).sum(0)`, which stores every result before the sum)."""
   out = jax.eval_shape(fn, jnp.int32(0))
   if count == 1:
     return fn(jnp.int32(0))
