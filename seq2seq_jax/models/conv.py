@@ -73,15 +73,15 @@ def map_concat(fn: Callable[[jnp.ndarray], jnp.ndarray], count: int, axis: int,
                like: jnp.ndarray) -> jnp.ndarray:
   """`concatenate([fn(i) for i in range(count)], axis)` as a loop: as `lax.map`, but each
   result is written in place along `axis`, into `fresh_zeros` made on `like`."""
-  out = jax.eval_shape(fn, jnp.int32(0))
   if count == 1:
     return fn(jnp.int32(0))
+  out = jax.eval_shape(fn, jnp.int32(0))
   size = out.shape[axis]
   shape = list(out.shape)
   shape[axis] = count * size
 
   def body(y, i):
-    return lax.dynamic_update_slice_in_dim(y, fn(i).astype(y.dtype), i * size, axis), None
+    return lax.dynamic_update_slice_in_dim(y, fn(i), i * size, axis), None
   y, _ = lax.scan(body, fresh_zeros(shape, out.dtype, like),
                   jnp.arange(count, dtype=jnp.int32))
   return y
@@ -91,9 +91,9 @@ def map_sum(fn: Callable[[jnp.ndarray], jnp.ndarray], count: int,
             like: jnp.ndarray) -> jnp.ndarray:
   """`sum(fn(i) for i in range(count))` as a loop, summed into `fresh_zeros` made on `like`
   (not `lax.map(...).sum(0)`, which stores every result before the sum)."""
-  out = jax.eval_shape(fn, jnp.int32(0))
   if count == 1:
     return fn(jnp.int32(0))
+  out = jax.eval_shape(fn, jnp.int32(0))
   total, _ = lax.scan(lambda acc, i: (acc + fn(i), None),
                       fresh_zeros(out.shape, out.dtype, like),
                       jnp.arange(count, dtype=jnp.int32))
