@@ -43,3 +43,52 @@ def test_upsample2x_and_its_gradient_equal_the_dense_operator(shape):
   dx = vjp(jnp.asarray(dy, jnp.float32))[0]
   got_dx = np.moveaxis(np.asarray(dx), -1, 1).reshape(want_dx.shape)
   np.testing.assert_allclose(got_dx, want_dx, rtol=0, atol=1e-5)
+
+
+def _dense_reflect_1d(n: int, p: int) -> np.ndarray:
+  """Reflect padding of n samples by p as a [n + 2p, n] 0/1 matrix (np.pad's 'reflect')."""
+  idx = np.pad(np.arange(n), p, mode="reflect")
+  m = np.zeros((n + 2 * p, n))
+  m[np.arange(n + 2 * p), idx] = 1
+  return m
+
+
+@pytest.mark.parametrize("shape,pad", [((2, 5, 3), 1), ((1, 4, 5, 2), 3), ((2, 6, 3, 4, 2), 2)],
+                         ids=["1d-p1", "2d-p3", "3d-p2"])
+def test_reflect_pad_and_its_gradient_equal_the_dense_operator(shape, pad):
+  """The hand-written VJP folds every border slab back onto the sample it copies."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal(shape)
+  dense = _dense_reflect_1d(shape[1], pad)
+  for n in shape[2:-1]:
+    dense = np.kron(dense, _dense_reflect_1d(n, pad))
+  flat = np.moveaxis(x, -1, 1).reshape(shape[0], shape[-1], -1)
+  y, vjp = jax.vjp(lambda a: ops.reflect_pad(a, pad), jnp.asarray(x, jnp.float32))
+  want = np.einsum("ov,bcv->bco", dense, flat)
+  np.testing.assert_allclose(np.moveaxis(np.asarray(y), -1, 1).reshape(want.shape), want,
+                             rtol=0, atol=1e-6)
+  dy = rng.standard_normal(y.shape)
+  want_dx = np.einsum("ov,bco->bcv", dense, np.moveaxis(dy, -1, 1).reshape(want.shape))
+  dx = vjp(jnp.asarray(dy, jnp.float32))[0]
+  np.testing.assert_allclose(np.moveaxis(np.asarray(dx), -1, 1).reshape(want_dx.shape),
+                             want_dx, rtol=0, atol=1e-5)
+
+
+def test_reflect_pad_gradient_stays_partitioned_on_a_sharded_depth():
+  """On a depth-sharded volume no buffer of the gradient holds the whole depth (autodiff of
+  jnp.pad's reflect mode zero-pads each border slice to the whole axis, and GSPMD left those
+  pads unpartitioned: [1, 72, ...] buffers for a 64-deep volume on 8 shards)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  n = jax.device_count()
+  assert n >= 2, "conftest sets up several CPU devices"
+  depth = 8 * n
+  mesh = Mesh(np.asarray(jax.devices()), ("spatial",))  # as sharding.make_mesh: auto axes
+  shard = NamedSharding(mesh, P(None, "spatial"))
+  x = jax.ShapeDtypeStruct((1, depth, 8, 8, 4), jnp.float32, sharding=shard)
+  f = lambda a: jnp.sum(jnp.square(ops.reflect_pad(a, 1)[:, 1:-1] * 2.0))
+  hlo = jax.jit(jax.grad(f)).lower(x).compile().as_text()
+  depths = {int(d) for d in __import__("re").findall(r"f32\[1,(\d+),8", hlo)}
+  assert depths and max(depths) < depth, sorted(depths)
+  xv = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(f))(jax.device_put(xv, shard))),
+                             np.asarray(jax.grad(f)(xv)), rtol=1e-6, atol=1e-6)

@@ -6,6 +6,8 @@ XLA fuses them with the surrounding convolutions.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -22,8 +24,60 @@ def reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
   """Reflect-pads every spatial axis by `pad` (torch ReflectionPad / padding_mode='reflect')."""
   if pad == 0:
     return x
+  if pad >= min(x.shape[1:-1]):  # torch refuses; jnp.pad reflects repeatedly: left to it
+    return jnp.pad(x, [(0, 0)] + [(pad, pad)] * (x.ndim - 2) + [(0, 0)], mode="reflect")
+  return _reflect_pad(x, pad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
   widths = [(0, 0)] + [(pad, pad)] * (x.ndim - 2) + [(0, 0)]
   return jnp.pad(x, widths, mode="reflect")
+
+
+def _reflect_pad_fwd(x, pad):
+  return _reflect_pad(x, pad), None
+
+
+def _reflect_pad_bwd(pad, _, dy):
+  # The first spatial axis (the one a `spatial` mesh axis shards) and, in 3D, every axis
+  # fold by masks. 2D's other axis keeps autodiff's form, which ran faster there (toy step
+  # 0.298 against 0.317 s all masked; brats3d's XLA temporaries at 64³ 398 MB all masked,
+  # 533 MB with only the first axis, 599 MB with none).
+  if dy.ndim == 4:
+    inner = dy.shape[:2] + (dy.shape[2] - 2 * pad, dy.shape[3])
+    widths = [(0, 0), (0, 0), (pad, pad), (0, 0)]
+    dy = jax.vjp(lambda a: jnp.pad(a, widths, mode="reflect"),
+                 jnp.zeros(inner, dy.dtype))[1](dy)[0]
+    return (_reflect_fold(dy, 1, pad),)
+  for axis in range(1, dy.ndim - 1):
+    dy = _reflect_fold(dy, axis, pad)
+  return (dy,)
+
+
+def _reflect_fold(dy: jnp.ndarray, axis: int, p: int) -> jnp.ndarray:
+  """The transpose of reflect-padding one axis by p: the border slabs added back where they
+  were read from, x[p - j] ← y[j] and x[n - 2 - j] ← y[p + n + j].
+
+  Autodiff of `jnp.pad` zero-pads each border slice back to the whole axis. On a
+  depth-sharded volume GSPMD left those pads unpartitioned: the whole volume's depth on
+  every device (brats3d's decoder conv at 160³ on 8 shards: 500 MB of its 1,430). Here
+  each slab is selected by an index mask, elementwise, which partitions like the axis.
+  """
+  n = dy.shape[axis] - 2 * p
+  out = lax.slice_in_dim(dy, p, p + n, axis=axis)
+  shape = [1] * dy.ndim
+  shape[axis] = n
+  idx = lax.broadcasted_iota(jnp.int32, shape, axis)
+  zero = jnp.zeros((), dy.dtype)
+  for j in range(p):
+    out = out + jnp.where(idx == p - j, lax.slice_in_dim(dy, j, j + 1, axis=axis), zero)
+    out = out + jnp.where(idx == n - 2 - j,
+                          lax.slice_in_dim(dy, p + n + j, p + n + j + 1, axis=axis), zero)
+  return out
+
+
+_reflect_pad.defvjp(_reflect_pad_fwd, _reflect_pad_bwd)
 
 
 def instance_norm(x: jnp.ndarray) -> jnp.ndarray:
