@@ -1,5 +1,7 @@
 """The generator's hand-written gradients of elementwise/resampling ops."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,7 +89,7 @@ def test_reflect_pad_gradient_stays_partitioned_on_a_sharded_depth():
   x = jax.ShapeDtypeStruct((1, depth, 8, 8, 4), jnp.float32, sharding=shard)
   f = lambda a: jnp.sum(jnp.square(ops.reflect_pad(a, 1)[:, 1:-1] * 2.0))
   hlo = jax.jit(jax.grad(f)).lower(x).compile().as_text()
-  depths = {int(d) for d in __import__("re").findall(r"f32\[1,(\d+),8", hlo)}
+  depths = {int(d) for d in re.findall(r"f32\[1,(\d+),8", hlo)}
   assert depths and max(depths) < depth, sorted(depths)
   xv = np.random.default_rng(2).standard_normal(x.shape).astype(np.float32)
   np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(f))(jax.device_put(xv, shard))),
