@@ -86,15 +86,11 @@ def compiled_for(model, params, shape, n, c_s):
 
 
 def float64_gradient(model, params, x, c_s) -> np.ndarray:
-  """The step's gradient on one device with the model computed in float64, flattened."""
+  """`step_fn`'s gradient on one device with the model computed in float64, flattened."""
   with jax.enable_x64(True):
-    m64 = model.clone(dtype=jnp.float64)
     p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-    x64 = jnp.asarray(x, jnp.float64)
-    cs = jnp.eye(c_s, dtype=jnp.float64)[:1]
-    ct = jnp.eye(c_s, dtype=jnp.float64)[1:2]
-    grads = jax.jit(jax.grad(
-        lambda p: seq2seq_objective(m64, {"params": p}, x64, x64, cs, ct)[0]))(p64)
+    _, grads, _ = step_fn(model.clone(dtype=jnp.float64), c_s, 1)(p64,
+                                                                   jnp.asarray(x, jnp.float64))
     return np.concatenate([np.asarray(a).ravel() for a in jax.tree_util.tree_leaves(grads)])
 
 

@@ -6,8 +6,6 @@ XLA fuses them with the surrounding convolutions.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -25,14 +23,16 @@ def reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
   if pad == 0:
     return x
   if pad >= min(x.shape[1:-1]):  # torch refuses; jnp.pad reflects repeatedly: left to it
-    return jnp.pad(x, [(0, 0)] + [(pad, pad)] * (x.ndim - 2) + [(0, 0)], mode="reflect")
+    return _jnp_reflect_pad(x, pad)
   return _reflect_pad(x, pad)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
+def _jnp_reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
   widths = [(0, 0)] + [(pad, pad)] * (x.ndim - 2) + [(0, 0)]
   return jnp.pad(x, widths, mode="reflect")
+
+
+_reflect_pad = jax.custom_vjp(_jnp_reflect_pad, nondiff_argnums=(1,))
 
 
 def _reflect_pad_fwd(x, pad):
