@@ -60,13 +60,13 @@ flags.DEFINE_bool("float64_reference", False,
 flags.mark_flag_as_required("config")
 
 
-def step_fn(model, c_s, spatial_shards: int):
+def step_fn(model, c_s, mesh=None):
   cs = jnp.eye(c_s, dtype=jnp.float32)[:1]
   ct = jnp.eye(c_s, dtype=jnp.float32)[1:2]
 
   def f(params, x):
-    # As the train step: depth chunks only where the depth is not sharded.
-    with conv3d.depth_chunking(spatial_shards == 1):
+    # As the train step: large 3D convs run per depth shard.
+    with conv3d.depth_sharding(mesh):
       (loss, _), grads = jax.value_and_grad(
           lambda p: seq2seq_objective(model, {"params": p}, x, x, cs, ct),
           has_aux=True)(params)
@@ -82,14 +82,14 @@ def compiled_for(model, params, shape, n, c_s):
   p = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
       params)
-  return step_fn(model, c_s, n).lower(p, x).compile(), mesh
+  return step_fn(model, c_s, mesh).lower(p, x).compile(), mesh
 
 
 def float64_gradient(model, params, x, c_s) -> np.ndarray:
   """`step_fn`'s gradient on one device with the model computed in float64, flattened."""
   with jax.enable_x64(True):
     p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-    _, grads, _ = step_fn(model.clone(dtype=jnp.float64), c_s, 1)(p64,
+    _, grads, _ = step_fn(model.clone(dtype=jnp.float64), c_s)(p64,
                                                                    jnp.asarray(x, jnp.float64))
     return np.concatenate([np.asarray(a).ravel() for a in jax.tree_util.tree_leaves(grads)])
 

@@ -122,8 +122,6 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
   """
   tc = config.train
   tx = make_optimizer()
-  # 3D convs in depth chunks would gather a depth-sharded volume onto every device.
-  depth_chunks = int(mesh.shape.get("spatial", 1)) == 1
 
   def step(state, batch, vgg):
     src_code, tgt_code = batch["src_code"], batch["tgt_code"]
@@ -136,7 +134,7 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
           lambda_rec=tc.lambda_rec, lambda_cyc=tc.lambda_cyc, lambda_per=tc.lambda_per,
           vgg=vgg)
 
-    with conv3d.depth_chunking(depth_chunks):
+    with conv3d.depth_sharding(mesh):
       (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     lr = schedule(state["step"])
     opt_state = state["opt_state"]

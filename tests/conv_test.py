@@ -3,10 +3,13 @@
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
+from seq2seq_jax import sharding
 from seq2seq_jax.models import conv
+from seq2seq_jax.models import ops
 
 # (spatial, cin, cout, k, stride, ndims): one case per branch of `kernel_grad`, the shifted-GEMM
 # forward (narrow outputs), and dims.
@@ -164,8 +167,9 @@ def test_3d_depth_chunked_conv_equals_xla(case, smallest, monkeypatch):
     pytest.skip("one chunk is the whole volume")
   assert conv3d.chunk_size(x.shape, w.shape, stride, pads) == chunk
   assert "scan" in str(jax.make_jaxpr(f)(x, w))  # the loop over chunks
-  with conv3d.depth_chunking(False):  # a new function: jax caches traces by function
-    off = jax.make_jaxpr(lambda a, b: f(a, b))(x, w)
+  # Called directly on a depth-sharded volume (not through `reflect_conv`): XLA's 3D conv.
+  with conv3d.depth_sharding(sharding.make_mesh({"data": 1, "spatial": 2})):
+    off = jax.make_jaxpr(lambda a, b: f(a, b))(x, w)  # a new function: traces are cached
     convs = [e for e in off.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert "scan" not in str(off) and [e.invars[0].aval.ndim for e in convs] == [5]  # XLA 3D
   y_ref, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, stride, pads), x, w)
@@ -174,6 +178,64 @@ def test_3d_depth_chunked_conv_equals_xla(case, smallest, monkeypatch):
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+# (batch, depth, frame, cin, cout, k, mesh): a halo of 1 and of 2 slices, slabs of 2 slices
+# (each shard's border slices are all halo), and the batch on the data axis too.
+SHARDED_CASES = [
+    (1, 16, 12, 8, 4, 3, {"data": 1, "spatial": 4}),
+    (2, 16, 10, 4, 3, 5, {"data": 1, "spatial": 4}),
+    (1, 8, 12, 8, 8, 3, {"data": 1, "spatial": 4}),
+    (2, 12, 9, 6, 5, 3, {"data": 2, "spatial": 2}),
+]
+
+
+@pytest.mark.parametrize("case", SHARDED_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_3d_reflect_conv_per_depth_shard_equals_the_unsharded_conv(case, monkeypatch):
+  """`reflect_conv` on a depth-sharded volume (per-shard halo exchange, reflected ends, each
+  slab chunked): forward and both gradients equal XLA's 3D conv of the reflect-padded volume,
+  and the output stays sharded."""
+  from seq2seq_jax.models import conv3d
+  b, depth, frame, cin, cout, k, mesh_cfg = case
+  mesh = sharding.make_mesh(mesh_cfg)
+  pad = k // 2
+  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)  # every layer counts as large
+  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", frame * frame)  # one-slice chunks
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((b, depth, frame, frame, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k,) * 3 + (cin, cout)) * 0.1, jnp.float32)
+
+  def f(a, c):
+    with conv3d.depth_sharding(mesh):
+      return conv.reflect_conv(a, c, 1, pad)
+  jaxpr = str(jax.make_jaxpr(f)(x, w))
+  assert "shard_map" in jaxpr and "ppermute" in jaxpr and "scan" in jaxpr
+  spec = P("data" if mesh_cfg["data"] > 1 else None, "spatial")
+  xs = jax.device_put(x, NamedSharding(mesh, spec))
+  y, vjp = jax.vjp(jax.jit(f), xs, w)
+  assert y.sharding.spec[:2] == spec[:2], y.sharding
+  ref = lambda a, c: conv._xla_conv(jnp.pad(a, ((0, 0),) + ((pad, pad),) * 3 + ((0, 0),),
+                                            mode="reflect"), c, 1, ((0, 0),) * 3)
+  y_ref, vjp_ref = jax.vjp(ref, x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  for got, want in zip(vjp(jax.device_put(dy, y.sharding)), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_3d_reflect_conv_falls_back_where_slabs_are_thinner_than_the_halo(monkeypatch):
+  """A slab of one slice cannot reflect its volume's end from its own slices (pad 1 needs
+  slice 1): such a layer is left to GSPMD, still equal to the unsharded conv."""
+  from seq2seq_jax.models import conv3d
+  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
+  mesh = sharding.make_mesh({"data": 1, "spatial": 4})
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 4, 6, 6, 3)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(8).standard_normal((3, 3, 3, 3, 2)), jnp.float32)
+  with conv3d.depth_sharding(mesh):
+    assert conv3d.sharded_reflect_conv(x, w, 1, 1) is None
+    y = jax.jit(lambda a, c: conv.reflect_conv(a, c, 1, 1))(x, w)
+  y_ref = conv._xla_conv(ops.reflect_pad(x, 1), w, 1, ((0, 0),) * 3)
+  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
 
 
 def test_3d_chunk_size_policy():

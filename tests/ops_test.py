@@ -55,17 +55,23 @@ def _dense_reflect_1d(n: int, p: int) -> np.ndarray:
   return m
 
 
-@pytest.mark.parametrize("shape,pad", [((2, 5, 3), 1), ((1, 4, 5, 2), 3), ((2, 6, 3, 4, 2), 2)],
-                         ids=["1d-p1", "2d-p3", "3d-p2"])
-def test_reflect_pad_and_its_gradient_equal_the_dense_operator(shape, pad):
-  """The hand-written VJP folds every border slab back onto the sample it copies."""
+@pytest.mark.parametrize("shape,pad,axes", [
+    ((2, 5, 3), 1, None), ((1, 4, 5, 2), 3, None), ((2, 6, 3, 4, 2), 2, None),
+    ((1, 3, 5, 4, 2), 2, (2, 3)), ((1, 4, 5, 2), 2, (2,))],
+    ids=["1d-p1", "2d-p3", "3d-p2", "3d-p2-plane", "2d-p2-second"])
+def test_reflect_pad_and_its_gradient_equal_the_dense_operator(shape, pad, axes):
+  """The hand-written VJP folds every border slab back onto the sample it copies; with
+  `axes`, only those axes are padded (the others' operator is the identity)."""
   rng = np.random.default_rng(1)
   x = rng.standard_normal(shape)
-  dense = _dense_reflect_1d(shape[1], pad)
-  for n in shape[2:-1]:
-    dense = np.kron(dense, _dense_reflect_1d(n, pad))
+  padded = range(1, len(shape) - 1) if axes is None else axes
+  ops_1d = [_dense_reflect_1d(n, pad) if a in padded else np.eye(n)
+            for a, n in enumerate(shape[1:-1], start=1)]
+  dense = ops_1d[0]
+  for m in ops_1d[1:]:
+    dense = np.kron(dense, m)
   flat = np.moveaxis(x, -1, 1).reshape(shape[0], shape[-1], -1)
-  y, vjp = jax.vjp(lambda a: ops.reflect_pad(a, pad), jnp.asarray(x, jnp.float32))
+  y, vjp = jax.vjp(lambda a: ops.reflect_pad(a, pad, axes), jnp.asarray(x, jnp.float32))
   want = np.einsum("ov,bcv->bco", dense, flat)
   np.testing.assert_allclose(np.moveaxis(np.asarray(y), -1, 1).reshape(want.shape), want,
                              rtol=0, atol=1e-6)

@@ -143,6 +143,18 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   return _conv(x, kernel, stride, pads, fwd, grad)
 
 
+def reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, pad: int) -> jnp.ndarray:
+  """`conv_nd` of `x` reflect-padded by `pad` on every spatial axis (the official
+  `padding_mode='reflect'`); per shard where a 3D volume's depth is sharded and the layer
+  large (`conv3d.sharded_reflect_conv`)."""
+  if x.ndim == 5:
+    from seq2seq_jax.models import conv3d
+    y = conv3d.sharded_reflect_conv(x, kernel, stride, pad)
+    if y is not None:
+      return y
+  return conv_nd(ops.reflect_pad(x, pad), kernel, stride)
+
+
 def _forward(x, kernel, stride, pads, fwd):
   if fwd == "narrow":
     return shifted_gemm_conv(x, kernel, pads)
@@ -534,8 +546,8 @@ class Conv(nn.Module):
     kshape = (self.kernel_size,) * self.ndims + (in_features, self.features)
     kernel = self.param("kernel", conv_kernel_init(self.ndims), kshape, jnp.float32)
     bias = self.param("bias", zeros, (self.features,), jnp.float32)
-    x = ops.reflect_pad(x.astype(self.dtype), self.pad)
-    y = conv_output(conv_nd(x, kernel.astype(self.dtype), self.stride) + bias.astype(self.dtype))
+    y = reflect_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.pad)
+    y = conv_output(y + bias.astype(self.dtype))
     return y if self.post is None else self.post(y)
 
 

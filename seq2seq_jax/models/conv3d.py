@@ -10,10 +10,10 @@ into its channels, so the 2D forms of `conv.conv_nd` serve 3D too.
 Large stride-1 layers (the decoder's at full resolution) run in chunks of output depth in a
 loop (`conv.map_concat`), with a custom VJP that loops over the same chunks, so a chunk's
 stacked inputs and GEMM columns stay small (brats3d: XLA temporaries 2.19 → 1.14 GB at the same
-step time). Chunking would gather a depth-sharded volume onto every device, so spatially
-sharded steps turn it off (`depth_chunking(False)`), and those layers are XLA's own 3D conv
-there: unchunked, the folded forms' whole-volume temporaries cut the largest volume that
-fits (experiments/README.md, "3D").
+step time). Chunking under GSPMD would gather a depth-sharded volume onto every device, so
+on spatially sharded steps (`depth_sharding(mesh)`) those layers run per shard instead
+(`sharded_reflect_conv`, a `shard_map`): each shard takes its neighbours' border slices
+(reflected ones at the volume's ends) and chunks its own slab as one device would.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from typing import Iterator, Sequence
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from seq2seq_jax.models import conv
+from seq2seq_jax.models import ops
 
-_CHUNKING = contextvars.ContextVar("seq2seq_jax_depth_chunking", default=True)
+_MESH = contextvars.ContextVar("seq2seq_jax_depth_mesh", default=None)
 
 # Chunk when a layer's stacked inputs exceed this (the 32→16 decoder conv at 64³: 107 MB).
 STACK_BYTES_TO_CHUNK = 16 << 20
@@ -39,28 +41,72 @@ MIN_CHUNK_ROWS = 1 << 14
 
 
 @contextlib.contextmanager
-def depth_chunking(enabled: bool) -> Iterator[None]:
-  """Whether 3D convs traced inside may run in depth chunks (off for depth-sharded steps,
-  where the layers that would be chunked use XLA's 3D conv)."""
-  token = _CHUNKING.set(bool(enabled))
+def depth_sharding(mesh: Mesh | None) -> Iterator[None]:
+  """Convs traced inside see volumes whose depth `mesh`'s `spatial` axis shards (None or a
+  one-shard axis: not sharded). Set by the train step around the model."""
+  token = _MESH.set(mesh if mesh is not None and _shards(mesh) > 1 else None)
   try:
     yield
   finally:
-    _CHUNKING.reset(token)
+    _MESH.reset(token)
+
+
+def _shards(mesh: Mesh) -> int:
+  return int(mesh.shape.get("spatial", 1))
 
 
 def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
            pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
   """`conv.conv_nd` for `x` `[b, d, h, w, cin]`, `kernel` `[k, k, k, cin, cout]`, zero pads."""
   chunk = chunk_size(x.shape, kernel.shape, stride, pads)
-  if chunk is None or _CHUNKING.get() and not conv.loops_enabled():
+  sharded = _MESH.get() is not None
+  if chunk is None or not sharded and not conv.loops_enabled():
     return depth_folded_conv(x, kernel, stride, pads)
-  if not _CHUNKING.get():
-    # Depth-sharded: unchunked, this layer's stacked slices and GEMM columns would be
+  if sharded:
+    # A layer that one device chunks, on a depth-sharded volume but not through
+    # `sharded_reflect_conv`: unchunked, its stacked slices and GEMM columns would be
     # whole-volume temporaries; XLA's own conv is slower but needs none.
     return conv._xla_conv(x, kernel, stride, pads)
   x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
   return _chunked_conv(x, kernel, chunk)
+
+
+def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
+                         pad: int) -> jnp.ndarray | None:
+  """`conv.reflect_conv` per depth shard, for the layers one device chunks; None where it does not
+  apply (no sharded depth, a layer that does not chunk, slabs thinner than pad + 1).
+
+  Each shard's slab gets `pad` slices from each neighbour (`ppermute`; at the volume's ends
+  the reflected slices of its own), then is convolved as on one device (chunked where its
+  own stacked inputs are large). Under GSPMD alone these layers were XLA's 3D conv (1-20
+  GFLOP/s on CPU), as chunking there would gather the volume onto every device.
+  """
+  mesh = _MESH.get()
+  if mesh is None or stride != 1:
+    return None
+  n = _shards(mesh)
+  depth = x.shape[1]
+  padded = ((pad, pad),) * 3
+  if (chunk_size(x.shape, kernel.shape, stride, padded) is None or depth % n
+      or depth // n <= pad):
+    return None
+  data = int(mesh.shape.get("data", 1))
+  spec = P("data" if x.shape[0] % data == 0 else None, "spatial")
+
+  def local(xl, w):
+    xl = ops.reflect_pad(xl, pad, axes=(2, 3))
+    if pad:
+      i, d = lax.axis_index("spatial"), xl.shape[1]
+      from_prev = lax.ppermute(xl[:, d - pad:], "spatial", [(j, j + 1) for j in range(n - 1)])
+      from_next = lax.ppermute(xl[:, :pad], "spatial", [(j + 1, j) for j in range(n - 1)])
+      lo = jnp.where(i == 0, jnp.flip(xl[:, 1:pad + 1], 1), from_prev)
+      hi = jnp.where(i == n - 1, jnp.flip(xl[:, d - 1 - pad:d - 1], 1), from_next)
+      xl = jnp.concatenate([lo, xl, hi], axis=1)
+    with depth_sharding(None):
+      return conv3d(xl, w, 1, ((0, 0),) * 3)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec,
+                       check_vma=False)(x, kernel)
 
 
 def chunk_size(x_shape, kernel_shape, stride: int,

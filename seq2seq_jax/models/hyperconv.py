@@ -13,7 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from seq2seq_jax.models import ops
 from seq2seq_jax.models import conv
-from seq2seq_jax.models.conv import conv_nd, linear_init, zeros
+from seq2seq_jax.models.conv import linear_init, zeros
 
 # Official init of `param`: kaiming-normal with torch's fan-in of a [out, in, *k, c_w] tensor,
 # i.e. in · k^ndims · c_w. Flax layout here is [*k, in, out, c_w]: `in` is axis -3, `out` -2,
@@ -89,11 +89,12 @@ class HyperConv(nn.Module):
     kernels = jnp.moveaxis(param.reshape(-1, self.c_w) @ w.T, -1, 0)
     kernels = kernels.reshape((w.shape[0],) + kshape[:-1])  # [n, *k, in, out]
     biases = wb @ b.T  # [n, out]
-    x = ops.reflect_pad(x.astype(self.dtype), self.pad)
+    x = x.astype(self.dtype)
     kernels = checkpoint_name(kernels.astype(self.dtype), conv.HYPER_KERNELS)
     biases = checkpoint_name(biases.astype(self.dtype), conv.HYPER_KERNELS)
     if s.shape[0] == 1:
-      return conv_nd(x, kernels[0], self.stride) + biases[0]
+      return conv.reflect_conv(x, kernels[0], self.stride, self.pad) + biases[0]
+    x = ops.reflect_pad(x, self.pad)
     if s.shape[0] != x.shape[0]:
       raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
                        "give one code for the batch or one per example")

@@ -18,39 +18,44 @@ def leaky_relu(x: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(x >= 0, x, NEG_SLOPE * x)
 
 
-def reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
-  """Reflect-pads every spatial axis by `pad` (torch ReflectionPad / padding_mode='reflect')."""
-  if pad == 0:
+def reflect_pad(x: jnp.ndarray, pad: int, axes: tuple[int, ...] | None = None) -> jnp.ndarray:
+  """Reflect-pads every spatial axis by `pad` (torch ReflectionPad / padding_mode='reflect').
+
+  `axes` picks some spatial axes only (a depth-sharded conv pads depth from its neighbours'
+  slices, `conv3d.sharded_reflect_conv`).
+  """
+  axes = tuple(range(1, x.ndim - 1)) if axes is None else tuple(axes)
+  if pad == 0 or not axes:
     return x
-  if pad >= min(x.shape[1:-1]):  # torch refuses; jnp.pad reflects repeatedly: left to it
-    return _jnp_reflect_pad(x, pad)
-  return _reflect_pad(x, pad)
+  if pad >= min(x.shape[a] for a in axes):  # torch refuses; jnp.pad reflects repeatedly
+    return _jnp_reflect_pad(x, pad, axes)
+  return _reflect_pad(x, pad, axes)
 
 
-def _jnp_reflect_pad(x: jnp.ndarray, pad: int) -> jnp.ndarray:
-  widths = [(0, 0)] + [(pad, pad)] * (x.ndim - 2) + [(0, 0)]
+def _jnp_reflect_pad(x: jnp.ndarray, pad: int, axes: tuple[int, ...]) -> jnp.ndarray:
+  widths = [(pad, pad) if a in axes else (0, 0) for a in range(x.ndim)]
   return jnp.pad(x, widths, mode="reflect")
 
 
-_reflect_pad = jax.custom_vjp(_jnp_reflect_pad, nondiff_argnums=(1,))
+_reflect_pad = jax.custom_vjp(_jnp_reflect_pad, nondiff_argnums=(1, 2))
 
 
-def _reflect_pad_fwd(x, pad):
-  return _reflect_pad(x, pad), None
+def _reflect_pad_fwd(x, pad, axes):
+  return _reflect_pad(x, pad, axes), None
 
 
-def _reflect_pad_bwd(pad, _, dy):
+def _reflect_pad_bwd(pad, axes, _, dy):
   # The first spatial axis (the one a `spatial` mesh axis shards) and, in 3D, every axis
   # fold by masks. 2D's other axis keeps autodiff's form, which ran faster there (toy step
   # 0.298 s so, 0.317 s with all masked; brats3d's XLA temporaries at 64³ 398 MB all masked,
   # 533 MB with only the first axis, 599 MB with none).
-  if dy.ndim == 4:
+  if dy.ndim == 4 and axes == (1, 2):
     inner = dy.shape[:2] + (dy.shape[2] - 2 * pad, dy.shape[3])
     widths = [(0, 0), (0, 0), (pad, pad), (0, 0)]
     dy = jax.vjp(lambda a: jnp.pad(a, widths, mode="reflect"),
                  jnp.zeros(inner, dy.dtype))[1](dy)[0]
     return (_reflect_fold(dy, 1, pad),)
-  for axis in range(1, dy.ndim - 1):
+  for axis in axes:
     dy = _reflect_fold(dy, axis, pad)
   return (dy,)
 
