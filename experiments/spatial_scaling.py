@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 
 def _set_devices(argv):
@@ -57,6 +58,9 @@ flags.DEFINE_list("size", ["32", "32", "32"], "Measured volume D,H,W.")
 flags.DEFINE_float("budget_gb", 0.0, "Per-device memory budget for the largest-volume column.")
 flags.DEFINE_bool("float64_reference", False,
                   "Also compare every row's gradient with one device's in float64.")
+flags.DEFINE_integer("time_steps", 0,
+                     "Also time this many runs of each row's step (after a first, untimed one); "
+                     "the host's cores are shared by all simulated devices.")
 flags.mark_flag_as_required("config")
 
 
@@ -155,8 +159,14 @@ def main(argv):
   n = 1
   while n <= jax.device_count() and shape[2] % (n * stride) == 0:
     compiled, mesh = compiled_for(model, params, shape, n, c_s)
-    loss, grads, out = compiled(jax.device_put(params, NamedSharding(mesh, P())),
-                                jax.device_put(x, NamedSharding(mesh, P(None, None, "spatial"))))
+    args = (jax.device_put(params, NamedSharding(mesh, P())),
+            jax.device_put(x, NamedSharding(mesh, P(None, None, "spatial"))))
+    loss, grads, out = compiled(*args)
+    times = []
+    for _ in range(FLAGS.time_steps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times.append(time.perf_counter() - t0)
     out = np.asarray(out)
     g = np.concatenate([np.asarray(a).ravel() for a in jax.tree_util.tree_leaves(grads)])
     if ref is None:
@@ -167,6 +177,8 @@ def main(argv):
            "loss_abs_err": abs(float(loss) - ref[0]),
            "out_max_abs_err": float(np.max(np.abs(out - ref[1]))),
            "grad_rel_l2_err": float(np.linalg.norm(g - ref[2]) / np.linalg.norm(ref[2]))}
+    if times:
+      row["sec_per_step"] = float(np.median(times))
     if g64 is not None:
       row["grad_rel_l2_err_vs_float64"] = float(np.linalg.norm(g - g64) / np.linalg.norm(g64))
     if FLAGS.budget_gb > 0:
