@@ -43,3 +43,48 @@ def test_spatial_sharding_matches_one_device_and_divides_memory(tmp_path):
     assert r["grad_rel_l2_err_vs_float64"] <= 2 * one, (r, one)
     # about linear: within 1.5x of base / shards (fixed per-device costs aside)
     assert r["temp_mb"] <= 1.5 * base / r["spatial_shards"], (r, base)
+
+
+def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
+  """The official objective's value, output and gradient with every stride-1 3D conv counted
+  as large, so that on a depth-sharded volume each runs per shard (halo exchange, reflected
+  ends, one-slice chunks; the latent layers, one slice per shard, fall back to GSPMD): equal
+  to one device's up to float32 rounding."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from configs.base import base_config
+  from seq2seq_jax import sharding
+  from seq2seq_jax import train_step as ts
+  from seq2seq_jax.losses import seq2seq_objective
+  from seq2seq_jax.models import conv3d
+
+  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
+  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 1)
+  c = base_config(ndims=3, c_s=4, c_w=2, c_in=1, c_enc=[4, 8, 8], k_enc=[3, 3, 3],
+                  s_enc=[1, 2, 2], nres_enc=1, norm="InstanceNorm", c_lstm=8,
+                  c_dec=[8, 4, 1], k_dec=[3, 3, 5], s_dec=[1, 1, 1], nres_dec=1)
+  model = ts.make_model(c)
+  cs, ct = jnp.eye(4)[:1], jnp.eye(4)[1:2]
+  x = np.random.default_rng(0).uniform(-1, 1, (1, 1, 16, 12, 12, 1)).astype(np.float32)
+  params = model.init(jax.random.PRNGKey(0), jnp.asarray(x), cs)["params"]
+  results, jaxprs = [], []
+  for n in (1, 4):
+    mesh = sharding.make_mesh({"data": 1, "spatial": n})
+
+    def f(p, a, mesh=mesh):
+      with conv3d.depth_sharding(mesh):
+        (loss, _), g = jax.value_and_grad(
+            lambda q: seq2seq_objective(model, {"params": q}, a, a, cs, ct), has_aux=True)(p)
+        return loss, g, model.apply({"params": p}, a, ct, n_outseq=1)
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, None, "spatial")))
+    jaxprs.append(str(jax.make_jaxpr(f)(params, xs)))
+    loss, g, out = jax.jit(f)(params, xs)
+    results.append((float(loss), np.asarray(out),
+                    np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g)])))
+  assert "shard_map" not in jaxprs[0] and jaxprs[1].count("shard_map") >= 4
+  (l1, o1, g1), (l4, o4, g4) = results
+  assert abs(l4 - l1) <= 1e-5 * abs(l1)
+  np.testing.assert_allclose(o4, o1, rtol=0, atol=1e-5)
+  assert np.linalg.norm(g4 - g1) <= 1e-4 * np.linalg.norm(g1)
