@@ -7,12 +7,13 @@ Runs on `--devices` host CPU devices (set before JAX starts). For spatial shards
 … ≤ devices, the train-step gradient (the official objective, perceptual off) is compiled with
 the volume's depth sharded over a `spatial` mesh axis (GSPMD: the input is sharded, XLA
 propagates the sharding through every layer and inserts the halo exchanges and the norm
-statistics' reductions; the large stride-1 convs run per shard, `conv3d.sharded_reflect_conv`).
-With `--time_steps=N` each row's step is also timed (the median of N runs after a first one);
-all simulated devices share the host's cores, so this compares code, not hardware. Prints one JSON line per n: per-device temp memory from XLA's
+statistics' reductions; the large stride-1 convs run per shard,
+`conv3d.sharded_reflect_conv`). Prints one JSON line per n: per-device temp memory from XLA's
 `memory_analysis()`, the loss and output error against n = 1, and the largest cubic volume
 whose step fits `--budget_gb` per device (memory modelled as fixed + per voxel from the
-compiled sizes, each guess checked by compiling it). With `--float64_reference` each row's
+compiled sizes, each guess checked by compiling it). With `--time_steps=N` each row's step
+is also timed (the median of N runs after a first one); all simulated devices share the
+host's cores, so this compares code, not hardware. With `--float64_reference` each row's
 gradient is also compared with one device's computed in float64 (the model's compute dtype
 float64, `jax.enable_x64`): the float32 gradient's own rounding error is the yardstick for
 the differences between shard counts (`--config=configs/brats3d.py --size=32,32,32
