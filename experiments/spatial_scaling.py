@@ -97,7 +97,7 @@ def float64_gradient(model, params, x, c_s) -> np.ndarray:
   with jax.enable_x64(True):
     p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
     _, grads, _ = step_fn(model.clone(dtype=jnp.float64), c_s)(p64,
-                                                                   jnp.asarray(x, jnp.float64))
+                                                                jnp.asarray(x, jnp.float64))
     return np.concatenate([np.asarray(a).ravel() for a in jax.tree_util.tree_leaves(grads)])
 
 

@@ -73,6 +73,8 @@ def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
   for n in (1, 4):
     mesh = sharding.make_mesh({"data": 1, "spatial": n})
 
+    # experiments.spatial_scaling.step_fn's body: that module defines absl flags (--config)
+    # at import, as experiments.benchmark does, and both cannot load in one pytest process.
     def f(p, a, mesh=mesh):
       with conv3d.depth_sharding(mesh):
         (loss, _), g = jax.value_and_grad(

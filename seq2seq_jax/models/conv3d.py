@@ -73,8 +73,8 @@ def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
 
 def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
                          pad: int) -> jnp.ndarray | None:
-  """`conv.reflect_conv` per depth shard, for the layers one device chunks; None where it does not
-  apply (no sharded depth, a layer that does not chunk, slabs thinner than pad + 1).
+  """`conv.reflect_conv` per depth shard, for the layers one device chunks; None where it does
+  not apply (no sharded depth, a layer that does not chunk, slabs thinner than pad + 1).
 
   Each shard's slab gets `pad` slices from each neighbour (`ppermute`; at the volume's ends
   the reflected slices of its own), then is convolved as on one device (chunked where its
@@ -82,12 +82,11 @@ def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
   GFLOP/s on CPU), as chunking there would gather the volume onto every device.
   """
   mesh = _MESH.get()
-  if mesh is None or stride != 1:
+  if mesh is None:
     return None
-  n = _shards(mesh)
-  depth = x.shape[1]
-  padded = ((pad, pad),) * 3
-  if (chunk_size(x.shape, kernel.shape, stride, padded) is None or depth % n
+  n, depth = _shards(mesh), x.shape[1]
+  # chunk_size is None for strided layers too.
+  if (chunk_size(x.shape, kernel.shape, stride, ((pad, pad),) * 3) is None or depth % n
       or depth // n <= pad):
     return None
   data = int(mesh.shape.get("data", 1))
@@ -100,6 +99,8 @@ def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
     with depth_sharding(None):
       return conv3d(xl, w, 1, ((0, 0),) * 3)
 
+  # check_vma off: the chunk loops' carries start from zeros that are not marked as varying
+  # over the mesh, which the check rejects; the kernel's gradient is still summed over shards.
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec,
                        check_vma=False)(x, kernel)
 

@@ -94,10 +94,10 @@ class HyperConv(nn.Module):
     biases = checkpoint_name(biases.astype(self.dtype), conv.HYPER_KERNELS)
     if s.shape[0] == 1:
       return conv.reflect_conv(x, kernels[0], self.stride, self.pad) + biases[0]
-    x = ops.reflect_pad(x, self.pad)
     if s.shape[0] != x.shape[0]:
       raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
                        "give one code for the batch or one per example")
+    x = ops.reflect_pad(x, self.pad)
     if conv.forward_form(x.shape, kernels.shape[1:], self.stride) == "narrow":
       y = conv.per_example_narrow_conv(x, kernels)  # e.g. the 3-channel output conv
     else:
