@@ -181,20 +181,25 @@ def test_3d_depth_chunked_conv_equals_xla(case, smallest, monkeypatch):
 
 
 # (batch, depth, frame, cin, cout, k, mesh): a halo of 1 and of 2 slices, slabs of 2 slices
-# (each shard's border slices are all halo), and the batch on the data axis too.
+# (each shard's border slices are all halo), the batch on the data axis too, and slabs no
+# thicker than the halo (1 slice for a halo of 1, 2 for 2: the gathered window).
 SHARDED_CASES = [
     (1, 16, 12, 8, 4, 3, {"data": 1, "spatial": 4}),
     (2, 16, 10, 4, 3, 5, {"data": 1, "spatial": 4}),
     (1, 8, 12, 8, 8, 3, {"data": 1, "spatial": 4}),
     (2, 12, 9, 6, 5, 3, {"data": 2, "spatial": 2}),
+    (1, 4, 10, 4, 3, 3, {"data": 1, "spatial": 4}),
+    (2, 8, 9, 3, 2, 5, {"data": 1, "spatial": 4}),
+    (2, 4, 9, 3, 2, 5, {"data": 2, "spatial": 2}),
 ]
 
 
 @pytest.mark.parametrize("case", SHARDED_CASES, ids=lambda c: "x".join(map(str, c[:6])))
 def test_3d_reflect_conv_per_depth_shard_equals_the_unsharded_conv(case, monkeypatch):
-  """`reflect_conv` on a depth-sharded volume (per-shard halo exchange, reflected ends, each
-  slab chunked): forward and both gradients equal XLA's 3D conv of the reflect-padded volume,
-  and the output stays sharded."""
+  """`reflect_conv` on a depth-sharded volume (per-shard halo exchange or, for slabs no
+  thicker than the halo, a window of the gathered depth; reflected ends; each slab chunked):
+  forward and both gradients equal XLA's 3D conv of the reflect-padded volume, and the
+  output stays sharded."""
   from seq2seq_jax.models import conv3d
   b, depth, frame, cin, cout, k, mesh_cfg = case
   mesh = sharding.make_mesh(mesh_cfg)
@@ -209,7 +214,9 @@ def test_3d_reflect_conv_per_depth_shard_equals_the_unsharded_conv(case, monkeyp
     with conv3d.depth_sharding(mesh):
       return conv.reflect_conv(a, c, 1, pad)
   jaxpr = str(jax.make_jaxpr(f)(x, w))
-  assert "shard_map" in jaxpr and "ppermute" in jaxpr and "scan" in jaxpr
+  halo = "all_gather" if depth // mesh_cfg["spatial"] <= pad else "ppermute"
+  assert "shard_map" in jaxpr and halo in jaxpr
+  assert ("scan" in jaxpr) == (depth // mesh_cfg["spatial"] > 1)  # one-slice chunks
   spec = P("data" if mesh_cfg["data"] > 1 else None, "spatial")
   xs = jax.device_put(x, NamedSharding(mesh, spec))
   y, vjp = jax.vjp(jax.jit(f), xs, w)
@@ -223,13 +230,13 @@ def test_3d_reflect_conv_per_depth_shard_equals_the_unsharded_conv(case, monkeyp
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
 
 
-def test_3d_reflect_conv_falls_back_where_slabs_are_thinner_than_the_halo(monkeypatch):
-  """A slab of one slice cannot reflect its volume's end from its own slices (pad 1 needs
-  slice 1): such a layer is left to GSPMD, still equal to the unsharded conv."""
+def test_3d_reflect_conv_falls_back_where_the_shards_do_not_divide_the_depth(monkeypatch):
+  """A depth of 6 over 4 shards has no equal slabs for `shard_map`: such a layer is left to
+  GSPMD, still equal to the unsharded conv."""
   from seq2seq_jax.models import conv3d
   monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
   mesh = sharding.make_mesh({"data": 1, "spatial": 4})
-  x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 4, 6, 6, 3)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 6, 6, 6, 3)), jnp.float32)
   w = jnp.asarray(np.random.default_rng(8).standard_normal((3, 3, 3, 3, 2)), jnp.float32)
   with conv3d.depth_sharding(mesh):
     assert conv3d.sharded_reflect_conv(x, w, 1, 1) is None

@@ -48,8 +48,8 @@ def test_spatial_sharding_matches_one_device_and_divides_memory(tmp_path):
 def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
   """The official objective's value, output and gradient with every stride-1 3D conv counted
   as large, so that on a depth-sharded volume each runs per shard (halo exchange, reflected
-  ends, one-slice chunks; the latent layers, one slice per shard, fall back to GSPMD): equal
-  to one device's up to float32 rounding."""
+  ends, one-slice chunks; the latent layers, one slice per shard, a window of the gathered
+  depth): equal to one device's up to float32 rounding."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -86,6 +86,7 @@ def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
     results.append((float(loss), np.asarray(out),
                     np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g)])))
   assert "shard_map" not in jaxprs[0] and jaxprs[1].count("shard_map") >= 4
+  assert "ppermute" in jaxprs[1] and "all_gather" in jaxprs[1]
   (l1, o1, g1), (l4, o4, g4) = results
   assert abs(l4 - l1) <= 1e-5 * abs(l1)
   np.testing.assert_allclose(o4, o1, rtol=0, atol=1e-5)

@@ -13,7 +13,8 @@ stacked inputs and GEMM columns stay small (brats3d: XLA temporaries 2.19 → 1.
 step time). Chunking under GSPMD would gather a depth-sharded volume onto every device, so
 on spatially sharded steps (`depth_sharding(mesh)`) those layers run per shard instead
 (`sharded_reflect_conv`, a `shard_map`): each shard takes its neighbours' border slices
-(reflected ones at the volume's ends) and chunks its own slab as one device would.
+(reflected ones at the volume's ends; a window of the gathered depth where slabs are no
+thicker than the halo) and chunks its own slab as one device would.
 """
 
 from __future__ import annotations
@@ -74,27 +75,33 @@ def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
 def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
                          pad: int) -> jnp.ndarray | None:
   """`conv.reflect_conv` per depth shard, for the layers one device chunks; None where it does
-  not apply (no sharded depth, a layer that does not chunk, slabs thinner than pad + 1).
+  not apply (no sharded depth, a layer that does not chunk, a depth the shards do not divide).
 
   Each shard's slab gets `pad` slices from each neighbour (`ppermute`; at the volume's ends
   the reflected slices of its own), then is convolved as on one device (chunked where its
-  own stacked inputs are large). Under GSPMD alone these layers were XLA's 3D conv (1-20
-  GFLOP/s on CPU), as chunking there would gather the volume onto every device.
+  own stacked inputs are large). Slabs of `pad` slices or fewer cannot serve their
+  neighbours' halos (nor reflect the volume's ends) alone: there every shard gathers the
+  whole depth and slices out its window (`_gathered_window`); such volumes are at most
+  `pad` × shards slices deep. Under GSPMD alone these layers were XLA's 3D conv (1-20
+  GFLOP/s on CPU), as chunking there would gather the volume onto every device, and on
+  brats3d's whole step at 64³ over 8 shards that conv came out wrong (experiments/README.md,
+  "GSPMD's 3D conv").
   """
   mesh = _MESH.get()
   if mesh is None:
     return None
   n, depth = _shards(mesh), x.shape[1]
   # chunk_size is None for strided layers too.
-  if (chunk_size(x.shape, kernel.shape, stride, ((pad, pad),) * 3) is None or depth % n
-      or depth // n <= pad):
+  if chunk_size(x.shape, kernel.shape, stride, ((pad, pad),) * 3) is None or depth % n:
     return None
   data = int(mesh.shape.get("data", 1))
   spec = P("data" if x.shape[0] % data == 0 else None, "spatial")
 
   def local(xl, w):
     xl = ops.reflect_pad(xl, pad, axes=(2, 3))
-    if pad:
+    if depth // n <= pad:
+      xl = _gathered_window(xl, pad)
+    elif pad:
       xl = _depth_halo(xl, pad, n)
     with depth_sharding(None):
       return conv3d(xl, w, 1, ((0, 0),) * 3)
@@ -103,6 +110,16 @@ def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
   # over the mesh, which the check rejects; the kernel's gradient is still summed over shards.
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec,
                        check_vma=False)(x, kernel)
+
+
+def _gathered_window(xl: jnp.ndarray, pad: int) -> jnp.ndarray:
+  """This shard's slab `[b, d, ...]` with `pad` slices either side, cut from the whole
+  reflect-padded depth gathered onto every shard (for slabs of `pad` slices or fewer, whose
+  halos span several neighbours). The gradient goes back through `all_gather`'s transpose,
+  a reduce-scatter."""
+  d = xl.shape[1]
+  whole = ops.reflect_pad(lax.all_gather(xl, "spatial", axis=1, tiled=True), pad, axes=(1,))
+  return lax.dynamic_slice_in_dim(whole, lax.axis_index("spatial") * d, d + 2 * pad, axis=1)
 
 
 def _halo_slices(xl: jnp.ndarray, pad: int, n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
