@@ -83,9 +83,9 @@ def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
   neighbours' halos (nor reflect the volume's ends) alone: there every shard gathers the
   whole depth and slices out its window (`_gathered_window`); such volumes are at most
   `pad` × shards slices deep. Under GSPMD alone these layers were XLA's 3D conv (1-20
-  GFLOP/s on CPU), as chunking there would gather the volume onto every device, and on
-  brats3d's whole step at 64³ over 8 shards that conv came out wrong (experiments/README.md,
-  "GSPMD's 3D conv").
+  GFLOP/s on CPU), as chunking there would gather the volume onto every device, and inside
+  brats3d's whole step at 64³ over 8 host devices that conv came out wrong
+  (experiments/README.md, fifteenth session).
   """
   mesh = _MESH.get()
   if mesh is None:
