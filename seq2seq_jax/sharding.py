@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from absl import logging
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -76,6 +77,27 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     raise ValueError(f"config.train.batch_size={global_batch_size} must be a multiple of the "
                      f"mesh's data axis ({data}) and of the process count ({n_proc})")
   return global_batch_size // n_proc
+
+
+def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh) -> None:
+  """Checks that the mesh's `spatial` axis splits the training crop's first spatial extent
+  (depth in 3D, height in 2D) evenly; warns where the model's downsampled extents do not.
+
+  Layers whose extent the shards do not divide cannot run per shard
+  (`conv3d.sharded_reflect_conv`) and fall back to GSPMD: slower, and XLA CPU's 3D conv under
+  GSPMD has given wrong results inside a whole step (experiments/README.md, fifteenth session).
+  """
+  n = int(mesh.shape["spatial"])
+  if n == 1:
+    return
+  first = int(crop_size[0] if ndims == 3 else crop_size[1])
+  if first % n:
+    raise ValueError(f"config.train.crop_size={tuple(crop_size)}: its first spatial extent "
+                     f"({first}) must be a multiple of config.mesh's spatial axis ({n})")
+  if first % (n * stride):
+    logging.warning("config.train.crop_size=%s: %d is not a multiple of the spatial axis (%d) "
+                    "times the model's total stride (%d); the downsampled layers it does not "
+                    "split run under GSPMD, not per shard", tuple(crop_size), first, n, stride)
 
 
 def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:

@@ -125,6 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stride = total_stride(config.model)
   sharding.local_batch_size(int(tc.batch_size), mesh)  # checks the batch splits evenly
   ndims, c_in, c_s = int(config.model.ndims), int(config.model.c_in), int(config.model.c_s)
+  sharding.check_spatial_split(tc.crop_size, ndims, stride, mesh)
   if len(meta["sequences"]) > c_s:
     raise ValueError(f"the dataset has {len(meta['sequences'])} sequences but config.model.c_s "
                      f"is {c_s}; c_s must be at least the number of sequences")

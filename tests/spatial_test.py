@@ -91,3 +91,22 @@ def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
   assert abs(l4 - l1) <= 1e-5 * abs(l1)
   np.testing.assert_allclose(o4, o1, rtol=0, atol=1e-5)
   assert np.linalg.norm(g4 - g1) <= 1e-4 * np.linalg.norm(g1)
+
+
+def test_training_crops_the_spatial_axis_does_not_split_are_refused(caplog):
+  """The first spatial extent (depth in 3D, height in 2D) must split evenly over `spatial`;
+  one whose downsampled extents do not split is trained but warned about."""
+  import logging
+  import pytest
+  from seq2seq_jax import sharding
+  mesh = sharding.make_mesh({"data": 1, "spatial": 4})
+  with pytest.raises(ValueError, match=r"crop_size=\(30, 64, 64\).*\(30\).*spatial axis \(4\)"):
+    sharding.check_spatial_split((30, 64, 64), 3, 4, mesh)
+  with pytest.raises(ValueError, match=r"crop_size=\(1, 30, 32\)"):
+    sharding.check_spatial_split((1, 30, 32), 2, 2, mesh)
+  with caplog.at_level(logging.WARNING):
+    sharding.check_spatial_split((32, 30, 30), 3, 4, mesh)  # 32 = 4 shards × stride 4 × 2
+    assert "GSPMD" not in caplog.text
+    sharding.check_spatial_split((8, 64, 64), 3, 4, mesh)  # 8 / stride 4 = 2 latent slices
+    assert "GSPMD" in caplog.text
+  sharding.check_spatial_split((30, 64, 64), 3, 4, sharding.make_mesh({"data": 4, "spatial": 1}))
