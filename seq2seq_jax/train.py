@@ -118,14 +118,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   save_config(config, workdir)
   vgg = vgg_lib.check_vgg_weights(tc.vgg_weights or None, tc.lambda_per)  # fail at start-up
 
-  dataset_dir = data_lib.prepare_data(config)
-  meta = dataset_lib.load_metadata(dataset_dir)
+  # The mesh, batch and crop are checked before the dataset is prepared (minutes on real data).
   mesh = sharding.make_mesh(config.mesh)
-  model = ts.make_model(config)
   stride = total_stride(config.model)
   sharding.local_batch_size(int(tc.batch_size), mesh)  # checks the batch splits evenly
   ndims, c_in, c_s = int(config.model.ndims), int(config.model.c_in), int(config.model.c_s)
   sharding.check_spatial_split(tc.crop_size, ndims, stride, mesh)
+  dataset_dir = data_lib.prepare_data(config)
+  meta = dataset_lib.load_metadata(dataset_dir)
+  model = ts.make_model(config)
   if len(meta["sequences"]) > c_s:
     raise ValueError(f"the dataset has {len(meta['sequences'])} sequences but config.model.c_s "
                      f"is {c_s}; c_s must be at least the number of sequences")
