@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from input_pipeline import sampling
+
 AXES = ("data", "spatial")
 
 
@@ -90,7 +92,9 @@ def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh) -> None:
   n = int(mesh.shape["spatial"])
   if n == 1:
     return
-  first = int(crop_size[0] if ndims == 3 else crop_size[1])
+  # The model's spatial axes are the read window's last `ndims` (a 2D window leads with its
+  # slice count, which c_in sets and which does not matter here).
+  first = sampling.crop_shape(ndims, 1, crop_size)[-ndims]
   if first % n:
     raise ValueError(f"config.train.crop_size={tuple(crop_size)}: its first spatial extent "
                      f"({first}) must be a multiple of config.mesh's spatial axis ({n})")

@@ -104,6 +104,8 @@ def test_training_crops_the_spatial_axis_does_not_split_are_refused(caplog):
     sharding.check_spatial_split((30, 64, 64), 3, 4, mesh)
   with pytest.raises(ValueError, match=r"crop_size=\(1, 30, 32\)"):
     sharding.check_spatial_split((1, 30, 32), 2, 2, mesh)
+  with pytest.raises(ValueError, match=r"crop_size=\(30, 32\)"):  # 2D [H, W]: H is split
+    sharding.check_spatial_split((30, 32), 2, 2, mesh)
   with caplog.at_level(logging.WARNING):
     sharding.check_spatial_split((32, 30, 30), 3, 4, mesh)  # 32 = 4 shards × stride 4 × 2
     assert "GSPMD" not in caplog.text
