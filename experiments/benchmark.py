@@ -48,7 +48,34 @@ flags.DEFINE_bool("conv_ref", True, "Also time one 256-channel 3x3 conv on 48^2 
 flags.DEFINE_integer("eval_volumes", 1, "Whole volumes to time inference on (0: skip).")
 flags.DEFINE_bool("compile_only", False, "Only compile the step and print XLA's memory plan "
                   "(temporaries, arguments) and the compile time; run nothing.")
+flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s in the step's dtype, for "
+                   "the MFU column (0: from PEAK_TFLOPS by device kind; none on CPU).")
 flags.mark_flag_as_required("config")
+
+# Dense tensor-core peaks per chip (TFLOP/s, vendor data sheets), by compute dtype. float32
+# convolutions and matmuls run as TF32 on these GPUs under JAX's default precision, so TF32
+# is float32's peak (with `jax_default_matmul_precision=highest` pass --peak_tflops).
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"float32": 378.0, "bfloat16": 756.0}),
+    ("H100", {"float32": 494.7, "bfloat16": 989.4}),  # SXM
+    ("H200", {"float32": 494.7, "bfloat16": 989.4}),
+    ("A100", {"float32": 156.0, "bfloat16": 312.0}),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The device's dense peak for `dtype` from PEAK_TFLOPS (first match), or None."""
+  for name, peaks in PEAK_TFLOPS:
+    if name in device_kind:
+      return peaks.get(dtype)
+  return None
+
+
+def device_peak_mb() -> float | None:
+  """The accelerator's peak memory in use so far (GPU/TPU allocator stats; None on CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return peak / 2**20 if peak is not None else None
 
 
 def _flops(compiled) -> float:
@@ -207,10 +234,13 @@ def main(argv):
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t1)
   sec = float(np.median(times))
+  with conv.forms(config.train.conv_forms):
+    cpu_tuned = conv.cpu_tuned()
   out = {
       "config": _config_name(),
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
       "dtype": str(config.train.dtype), "remat": bool(config.train.remat),
+      "conv_forms": str(config.train.conv_forms), "cpu_tuned_convs": cpu_tuned,
       "recompute_elementwise": bool(config.train.recompute_elementwise),
       # Whether steps ran on the calling thread (`train.cpu_heap_reuse`, host_memory.py).
       "inline_steps": not jax.config.values["jax_cpu_enable_async_dispatch"],
@@ -223,9 +253,16 @@ def main(argv):
   # Peak RSS of the training step alone (ru_maxrss is a lifetime peak: read it before eval,
   # and before `memory_analysis`, which training never calls: it holds 112 MB more on brats3d).
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  out["device_peak_mb"] = device_peak_mb()
   out.update(_xla_memory(compiled))
-  flops = count_flops(model, config, state, gbatch, vgg)
+  if cpu_tuned:
+    flops = count_flops(model, config, state, gbatch, vgg)
+  else:  # no conv loops to unroll; counted before XLA turns convs into library calls
+    flops = _flops(step.lower(state, gbatch, vgg))
   out["gflop_per_step"], out["achieved_gflops"] = flops / 1e9, flops / 1e9 / sec
+  peak = FLAGS.peak_tflops or peak_tflops(jax.devices()[0].device_kind, str(config.train.dtype))
+  out["peak_tflops"] = peak
+  out["mfu"] = flops / sec / (peak * 1e12) if peak else None
   if FLAGS.eval_volumes > 0:
     out["eval_volumes_per_s"] = eval_throughput(model, state["params"], config,
                                                 FLAGS.eval_volumes)

@@ -85,9 +85,10 @@ def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh) -> None:
   """Checks that the mesh's `spatial` axis splits the training crop's first spatial extent
   (depth in 3D, height in 2D) evenly; warns where the model's downsampled extents do not.
 
-  Layers whose extent the shards do not divide cannot run per shard
-  (`conv3d.sharded_reflect_conv`) and fall back to GSPMD: slower, and XLA CPU's 3D conv under
-  GSPMD has given wrong results inside a whole step (experiments/README.md, fifteenth session).
+  With the CPU-tuned conv forms, layers whose extent the shards do not divide cannot run per
+  shard (`conv3d.sharded_reflect_conv`) and fall back to GSPMD: slower, and XLA CPU's 3D conv
+  under GSPMD has given wrong results inside a whole step (experiments/README.md, fifteenth
+  session). (With XLA's forms, every layer is GSPMD's.)
   """
   n = int(mesh.shape["spatial"])
   if n == 1:
@@ -100,8 +101,8 @@ def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh) -> None:
                      f"({first}) must be a multiple of config.mesh's spatial axis ({n})")
   if first % (n * stride):
     logging.warning("config.train.crop_size=%s: %d is not a multiple of the spatial axis (%d) "
-                    "times the model's total stride (%d); the downsampled layers it does not "
-                    "split run under GSPMD, not per shard", tuple(crop_size), first, n, stride)
+                    "times the model's total stride (%d); with the CPU-tuned conv forms the "
+                    "downsampled layers it does not split run under GSPMD, not per shard", tuple(crop_size), first, n, stride)
 
 
 def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:

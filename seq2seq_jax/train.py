@@ -32,6 +32,7 @@ from seq2seq_jax import validation
 from seq2seq_jax import vgg as vgg_lib
 from seq2seq_jax import visualize
 from seq2seq_jax.checkpoint import Checkpointer
+from seq2seq_jax.models import conv
 from seq2seq_jax.models import total_stride
 
 BATCH_KEYS = ("src", "tgt", "src_code", "tgt_code")
@@ -124,6 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sharding.local_batch_size(int(tc.batch_size), mesh)  # checks the batch splits evenly
   ndims, c_in, c_s = int(config.model.ndims), int(config.model.c_in), int(config.model.c_s)
   sharding.check_spatial_split(tc.crop_size, ndims, stride, mesh)
+  conv.check_forms(tc.conv_forms)
   dataset_dir = data_lib.prepare_data(config)
   meta = dataset_lib.load_metadata(dataset_dir)
   model = ts.make_model(config)

@@ -1,5 +1,7 @@
 """conv_nd's own forward and kernel gradient against XLA's convolution and its gradient."""
 
+import re
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -380,3 +382,88 @@ def test_chunked_3d_conv_loops_start_from_zeros_of_their_own(monkeypatch):
   plain = jax.make_jaxpr(lambda a: lax.scan(lambda c, i: (c + a[0, i], None),
                                             jnp.zeros(a.shape[2:]), jnp.arange(4)))(x)
   assert _loop_starts(plain, [(8, 8, 4)]) == ["broadcast_in_dim"]
+
+
+# (x shape, kernel shape, stride): the CPU-tuned forms take each of these apart (row-stacked
+# forward, shifted-GEMM forward and narrow kernel gradient, depth-folded 3D stride 1 and 2).
+XLA_FORMS_CASES = [
+    ((1, 66, 66, 64), (3, 3, 64, 64), 1),
+    ((2, 40, 40, 32), (7, 7, 32, 3), 1),
+    ((1, 10, 12, 14, 8), (3, 3, 3, 8, 6), 1),
+    ((2, 11, 12, 10, 8), (3, 3, 3, 8, 16), 2),
+]
+
+
+@pytest.mark.parametrize("case", XLA_FORMS_CASES, ids=lambda c: "x".join(map(str, c[1])))
+def test_xla_forms_are_xla_own_convs_with_the_same_values(case):
+  """`conv.forms('xla')` (GPUs, TPUs): the conv and both gradients are XLA's own convolutions
+  of the layer's rank, no GEMM, loop or custom gradient; the same values as the CPU-tuned
+  forms, which use none of those convolutions here."""
+  x_shape, w_shape, stride = case
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(w_shape) * 0.1, jnp.float32)
+  pads = ((1, 1),) * (len(x_shape) - 2)
+  conv_vjp = lambda a, b: jax.vjp(lambda a_, b_: conv.conv_nd(a_, b_, stride, pads), a, b)
+  results = {}
+  for forms in ("cpu_tuned", "xla"):
+    with conv.forms(forms):
+      y, vjp = conv_vjp(x, w)
+      dy = jnp.asarray(np.random.default_rng(12).standard_normal(y.shape), jnp.float32)
+      results[forms] = (y, *vjp(dy))
+      # A new jit per forms: a jitted function's traces are cached without regard to them.
+      text = jax.jit(lambda a, b, d: (conv_vjp(a, b)[0], conv_vjp(a, b)[1](d))).lower(
+          x, w, dy).as_text()
+    # The spatial dims of each convolution's input (its lhs dim numbers, e.g. [b, 0, 1, f]).
+    ranks = [len(re.findall(r"\d", m)) for m in
+             re.findall(r"stablehlo.convolution.*?dim_numbers = \[([^\]]*)\]", text)]
+    if forms == "xla":
+      assert ranks == [len(x_shape) - 2] * 3, ranks  # y, dx, dW
+      assert "dot_general" not in text and "while" not in text
+    else:
+      assert "dot_general" in text or len(x_shape) - 2 not in ranks
+  for got, want in zip(results["xla"], results["cpu_tuned"]):
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * float(jnp.abs(want).max()))
+
+
+def test_conv_forms_auto_follows_the_default_backend(monkeypatch):
+  for backend, tuned in (("cpu", True), ("gpu", False), ("tpu", False)):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert conv.cpu_tuned() == tuned
+    with conv.forms("auto"):
+      assert conv.cpu_tuned() == tuned
+    with conv.forms("xla"):
+      assert not conv.cpu_tuned()
+    with conv.forms("cpu_tuned"):
+      assert conv.cpu_tuned()
+  with pytest.raises(ValueError, match="config.train.conv_forms.*'cudnn'"):
+    with conv.forms("cudnn"):
+      pass
+
+
+def test_xla_forms_leave_a_depth_sharded_conv_to_gspmd(monkeypatch):
+  """With XLA's forms a layer that the CPU-tuned forms run per shard (`shard_map`) is one 3D
+  conv partitioned by GSPMD, equal to the unsharded conv, forward and both gradients."""
+  from seq2seq_jax.models import conv3d
+  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)  # every layer counts as large
+  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 36)  # one-slice chunks
+  mesh = sharding.make_mesh({"data": 1, "spatial": 4})
+  rng = np.random.default_rng(13)
+  x = jnp.asarray(rng.standard_normal((1, 8, 6, 6, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 5)) * 0.1, jnp.float32)
+
+  def f(a, c):
+    with conv3d.depth_sharding(mesh), conv.forms("xla"):
+      return conv.reflect_conv(a, c, 1, 1)
+  with conv3d.depth_sharding(mesh):
+    assert "shard_map" in str(jax.make_jaxpr(lambda a, c: conv.reflect_conv(a, c, 1, 1))(x, w))
+  jaxpr = str(jax.make_jaxpr(f)(x, w))
+  assert "shard_map" not in jaxpr and jaxpr.count("conv_general_dilated") == 1
+  xs = jax.device_put(x, NamedSharding(mesh, P(None, "spatial")))
+  y, vjp = jax.vjp(jax.jit(f), xs, w)
+  y_ref, vjp_ref = jax.vjp(lambda a, c: conv._xla_conv(ops.reflect_pad(a, 1), c, 1,
+                                                       ((0, 0),) * 3), x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))

@@ -10,6 +10,7 @@ import pytest
 
 from seq2seq_jax.convert import load_torch_checkpoint, variables_to_state_dict
 from seq2seq_jax.losses import seq2seq_objective
+from seq2seq_jax.models import conv
 from seq2seq_jax.models import (Generator, make_model_config, model_config_from_yaml,
                                 paper_model_config)
 from tests.reference import FORWARD, TRAINING, paths, to_model_layout, to_torch_layout
@@ -20,20 +21,27 @@ def _apply_fn(model):
   return jax.jit(model.apply, static_argnames=("n_outseq",))
 
 
+@pytest.mark.parametrize("forms", ["auto", "xla"])
 @pytest.mark.parametrize("name", FORWARD)
-def test_forward_matches_official(fixtures_dir, name):
+def test_forward_matches_official(fixtures_dir, name, forms):
+  """On CPU, `auto` is the CPU-tuned conv forms; `xla` is what GPUs and TPUs run."""
   pth, yml, npz = paths(fixtures_dir, name)
   model, variables = load_torch_checkpoint(pth, yml)
   z = np.load(npz)
-  y = _apply_fn(model)(variables, to_model_layout(z["x"]), z["code"], n_outseq=int(z["n_outseq"]))
+  # A new jit per forms: a jitted function's traces are cached without regard to them.
+  apply = _apply_fn(model) if forms == "auto" else jax.jit(model.apply,
+                                                           static_argnames=("n_outseq",))
+  with conv.forms(forms):
+    y = apply(variables, to_model_layout(z["x"]), z["code"], n_outseq=int(z["n_outseq"]))
   y = to_torch_layout(np.asarray(y))
   assert y.shape == z["y"].shape
   err = np.abs(y - z["y"]).max()
   assert err <= 2e-4, f"{name}: max abs error {err}"
 
 
+@pytest.mark.parametrize("forms", ["auto", "xla"])
 @pytest.mark.parametrize("name", TRAINING)
-def test_training_matches_official(fixtures_dir, name):
+def test_training_matches_official(fixtures_dir, name, forms):
   pth, yml, npz = paths(fixtures_dir, name)
   model, variables = load_torch_checkpoint(pth, yml)
   cfg = model_config_from_yaml(yml)
@@ -51,7 +59,8 @@ def test_training_matches_official(fixtures_dir, name):
 
   params, opt_state = variables["params"], opt.init(variables["params"])
   for i, ref in enumerate(z["train_losses"]):
-    params, opt_state, total, terms = step(params, opt_state)
+    with conv.forms(forms):
+      params, opt_state, total, terms = step(params, opt_state)
     for got, want, what in ((total, ref[0], "total"), (terms["rec"], ref[1], "rec"),
                             (terms["cyc"], ref[2], "cyc")):
       assert abs(float(got) - want) <= 2e-4 * abs(want), f"{name} step {i} {what}: {got} vs {want}"
@@ -68,8 +77,10 @@ def test_training_matches_official(fixtures_dir, name):
   assert np.linalg.norm(theirs) > 0
 
 
+@pytest.mark.parametrize("forms", ["auto", "xla"])
 @pytest.mark.parametrize("name", ["seq2seq_2p5d_small", "seq2seq_4d_small"])
-def test_per_example_codes_equal_running_each_alone(fixtures_dir, name):
+def test_per_example_codes_equal_running_each_alone(fixtures_dir, name, forms):
+  """Per-example kernels as GEMMs over patches (CPU-tuned) or as one grouped conv (xla)."""
   pth, yml, npz = paths(fixtures_dir, name)
   model, variables = load_torch_checkpoint(pth, yml)
   z = np.load(npz)
@@ -81,7 +92,7 @@ def test_per_example_codes_equal_running_each_alone(fixtures_dir, name):
   assert len({tuple(c) for c in codes}) == b  # really different targets
   # float64, so that the grouped conv and the plain conv agree to rounding, not to float32
   # noise amplified by the net's depth (~5e-5 here)
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), conv.forms(forms):
     model64 = model.clone(dtype=jnp.float64)
     v64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
     apply = jax.jit(model64.apply, static_argnames=("n_outseq",))

@@ -204,6 +204,42 @@ def test_pair_per_batch_step_equals_the_per_example_step():
                                err_msg=jax.tree_util.keystr(path))
 
 
+def test_train_step_takes_the_configured_conv_forms(cache_dir, tmp_path, monkeypatch):
+  """`config.train.conv_forms`: 'xla' (what GPUs and TPUs get by default) traces the 3D step
+  with XLA's own 3D convs, 'cpu_tuned' with none (2D convs of depth slices; the values of
+  both against the official code: model_test). A name neither is refused before the data
+  are prepared."""
+  import re
+  from seq2seq_jax import sharding
+  from seq2seq_jax import train_step as ts
+  c = tiny_config(cache_dir, ndims=3)
+  c.train.lambda_per = 0.0
+  model = ts.make_model(c)
+  mesh = sharding.make_mesh({"data": 1, "spatial": 1})
+  rng = np.random.default_rng(0)
+  eye = np.eye(int(c.model.c_s), dtype=np.float32)
+  batch = {"src": rng.uniform(-1, 1, (1, 1, 16, 16, 16, 1)).astype(np.float32),
+           "tgt": rng.uniform(-1, 1, (1, 1, 16, 16, 16, 1)).astype(np.float32),
+           "src_code": eye[[2]], "tgt_code": eye[[1]]}
+  sample = np.zeros((1, 1, 16, 16, 16, 1), np.float32)
+  state_sh = ts.state_shardings(mesh, ts.abstract_state(model, c, sample))
+  schedule = ts.poly_epoch_schedule(1e-3, 1e-6, 10, 100)
+  for forms in ("cpu_tuned", "xla"):
+    c.train.conv_forms = forms
+    state = jax.eval_shape(lambda x: ts.init_state(model, c, x), sample)
+    step = ts.make_train_step(model, c, schedule, mesh, state_sh,
+                              {k: v.ndim for k, v in batch.items()})
+    text = step.lower(state, sharding.global_batch(mesh, batch), None).as_text()
+    lhs = re.findall(r"stablehlo.convolution.*?dim_numbers = \[([^\]]*)\]", text)
+    three_d = sum(len(re.findall(r"\d", m)) == 3 for m in lhs)
+    assert (three_d > 0) == (forms == "xla"), (forms, three_d, len(lhs))
+  prepared = []
+  monkeypatch.setattr(train.data_lib, "prepare_data", prepared.append)
+  with pytest.raises(ValueError, match="config.train.conv_forms.*'cudnn'"):
+    train.train_and_evaluate(tiny_config(cache_dir, conv_forms="cudnn"), str(tmp_path))
+  assert not prepared
+
+
 def test_guarded_adam_is_optax_adam_when_finite_and_a_no_op_when_not():
   import jax.numpy as jnp
   import optax

@@ -57,6 +57,44 @@ def loops_enabled() -> bool:
   return _LOOPS.get()
 
 
+# Which convolutions the model's layers use (`forms`).
+FORMS = ("auto", "cpu_tuned", "xla")
+_FORMS = contextvars.ContextVar("seq2seq_jax_conv_forms", default="auto")
+
+
+@contextlib.contextmanager
+def forms(name: str) -> Iterator[None]:
+  """The convolutions traced inside: `name` is one of FORMS (`config.train.conv_forms`).
+
+  - cpu_tuned: the forms below, which XLA CPU runs 1.2-100× faster than its own convs
+    (GEMMs over row-stacked or shifted inputs, 3D convs as 2D convs of depth slices, depth
+    chunks, per-shard 3D convs on depth-sharded volumes, per-example kernels as GEMMs);
+  - xla: XLA's own convolutions throughout, as GPUs (cuDNN) and TPUs run them fastest: 3D
+    convs as 3D convs (partitioned by GSPMD on a depth-sharded volume), per-example kernels
+    as one grouped conv, no custom gradients;
+  - auto: cpu_tuned where JAX's default backend is the CPU, xla elsewhere.
+  """
+  check_forms(name)
+  token = _FORMS.set(name)
+  try:
+    yield
+  finally:
+    _FORMS.reset(token)
+
+
+def check_forms(name: str) -> None:
+  if name not in FORMS:
+    raise ValueError(f"config.train.conv_forms must be one of {FORMS}, not {name!r}")
+
+
+def cpu_tuned() -> bool:
+  """Whether convs traced here take the CPU-tuned forms (`forms`); read at trace time."""
+  name = _FORMS.get()
+  if name == "auto":
+    return jax.default_backend() == "cpu"
+  return name == "cpu_tuned"
+
+
 def fresh_zeros(shape: Sequence[int], dtype: Any, like: jnp.ndarray) -> jnp.ndarray:
   """Zeros in a buffer of this call's own, for a loop to write into.
 
@@ -117,7 +155,7 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
             padding: str | Sequence[tuple[int, int]] = "VALID") -> jnp.ndarray:
   """Channels-last convolution; `kernel` is `[*k, in, out]`; zero `padding` per side.
 
-  XLA's own convolutions, except where XLA CPU is slow: the forward pass of stride-1 convs
+  XLA's own convolutions, except, with the CPU-tuned forms (`forms`), where XLA CPU is slow: the forward pass of stride-1 convs
   (`forward_form`: a narrow-output conv such as the 3-channel 7×7 output conv is 30-40× faster
   as `shifted_gemm_conv`, most others 1.2-3.5× as `row_stacked_conv`) and the kernel gradient
   of wide and narrow layers (`kernel_grad`, GEMMs: 2-3× faster for wide layers, up to 100× for
@@ -131,6 +169,8 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
       raise ValueError(f"conv_nd takes 'VALID' or explicit (lo, hi) pads, not {padding!r}")
     padding = ((0, 0),) * ndims
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if not cpu_tuned():
+    return _xla_conv(x, kernel, stride, pads)
   if ndims == 3:
     from seq2seq_jax.models import conv3d  # conv3d builds on this module's 2D convs
     return conv3d.conv3d(x, kernel, stride, pads)
@@ -146,8 +186,8 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
 def reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, pad: int) -> jnp.ndarray:
   """`conv_nd` of `x` reflect-padded by `pad` on every spatial axis (the official
   `padding_mode='reflect'`); per shard where a 3D volume's depth is sharded and the layer
-  large (`conv3d.sharded_reflect_conv`)."""
-  if x.ndim == 5:
+  large and the forms CPU-tuned (`conv3d.sharded_reflect_conv`)."""
+  if x.ndim == 5 and cpu_tuned():
     from seq2seq_jax.models import conv3d
     y = conv3d.sharded_reflect_conv(x, kernel, stride, pad)
     if y is not None:

@@ -41,13 +41,22 @@ def per_example_conv(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> j
   return jnp.einsum("b...i,bio->b...o", patches, kernels.reshape(b, -1, kernels.shape[-1]))
 
 
+def grouped_conv(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.ndarray:
+  """`per_example_conv` as XLA's own conv: `vmap` over examples and kernels becomes one conv
+  with a feature group per example, which cuDNN and TPUs run directly (`conv.forms('xla')`).
+  """
+  valid = ((0, 0),) * (x.ndim - 2)
+  return jax.vmap(lambda xi, wi: conv._xla_conv(xi[None], wi, stride, valid)[0])(x, kernels)
+
+
 class HyperConv(nn.Module):
   """Conv whose kernel = param · fc(s) and bias = b · fc_bias(s).
 
   `s` is `[1, c_s]` (one code for the whole batch, as the official model) or `[n, c_s]` with
   n = batch (one code per example). In the per-example case each example is convolved with its
   own kernel, as one batched matmul over patches (see `per_example_conv`), or for narrow
-  outputs as `conv.per_example_narrow_conv`.
+  outputs as `conv.per_example_narrow_conv`; with XLA's own conv forms (`conv.forms`), as one
+  grouped conv (`grouped_conv`).
 
   Attributes:
     features: output channels.
@@ -98,7 +107,9 @@ class HyperConv(nn.Module):
       raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
                        "give one code for the batch or one per example")
     x = ops.reflect_pad(x, self.pad)
-    if conv.forward_form(x.shape, kernels.shape[1:], self.stride) == "narrow":
+    if not conv.cpu_tuned():
+      y = grouped_conv(x, kernels, self.stride)
+    elif conv.forward_form(x.shape, kernels.shape[1:], self.stride) == "narrow":
       y = conv.per_example_narrow_conv(x, kernels)  # e.g. the 3-channel output conv
     else:
       y = per_example_conv(x, kernels, self.stride)

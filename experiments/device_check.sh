@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Issue 7's accelerator rows in one prepared run: the train-step benchmark in float32 and
+# bf16 (s/step, GFLOP/s, MFU, device memory) and the largest 3D crop on one card, with and
+# without remat. Each part prints JSON lines into OUT_DIR/<part>.jsonl (stderr beside it).
+#
+#   bash experiments/device_check.sh OUT_DIR [bench] [size] [toy]
+#
+# bench: brats2d and brats3d (one 64³ crop), float32 (TF32 convs under JAX's default
+#   precision) and bf16, XLA's own conv forms (`config.train.conv_forms=auto` off the CPU);
+# size: brats3d's largest cube whose gradient step fits BUDGET_GB (default 120) by XLA's
+#   memory plan (`experiments.spatial_scaling`, 1 device), then one real step at that cube
+#   (its row's device_peak_mb: what the allocator really took);
+# toy: the toy default's model, float32 and bf16.
+# With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
+# default 150 s), so one slow compile cannot take the whole run.
+#
+# On a machine without ml_collections (this workplace's CUDA image), carry its wheel in .whl/
+# (ignored by git): `python3 -m pip download --no-deps --only-binary=:all: -d .whl
+# ml_collections==1.1.0`; this script installs what it finds there.
+set -u
+out=${1:?usage: device_check.sh OUT_DIR [bench] [size] [toy]}
+shift
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(bench size)
+mkdir -p "$out"
+limit=${LIMIT_S:-150}
+budget=${BUDGET_GB:-120}
+size=${SIZE:-64,64,64}  # the first measured volume of `size` (a smaller one for a dry run)
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{ nvidia-smi -L 2>/dev/null; $py -c "import jax; print(jax.__version__, jax.devices())"; } \
+    > "$out/devices.txt" 2>&1
+
+# run PART NAME ARGS...: one command, its JSON lines appended to PART.jsonl.
+run() {
+  local part=$1 name=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$py" "$@" >> "$out/$part.jsonl" 2>> "$out/$part.err"
+  echo "$part $name rc=$? ${SECONDS}s-${t0}s" >> "$out/summary.txt"
+}
+
+bench() {  # config, steps, then dtypes
+  local cfg=$1 steps=$2
+  shift 2
+  for dtype in "$@"; do
+    run bench "$(basename "$cfg" .py)-$dtype" -m experiments.benchmark --config="$cfg" \
+        --steps="$steps" --config.train.dtype="$dtype"
+  done
+}
+
+for part in "${parts[@]}"; do
+  case $part in
+    bench)
+      bench configs/brats2d.py 10 bfloat16 float32
+      bench configs/brats3d.py 10 bfloat16 float32 ;;
+    toy)
+      bench configs/toy.py 30 bfloat16 float32 ;;
+    size)
+      for remat in False True; do
+        run size "budget-remat=$remat" -m experiments.spatial_scaling \
+            --config=configs/brats3d.py --size="$size" --budget_gb="$budget" \
+            --config.train.remat="$remat"
+        edge=$($py -c "
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')]
+print(rows[-1].get('max_cubic_edge', 0) if rows else 0)" "$out/size.jsonl")
+        if [ "${edge:-0}" -gt 0 ]; then  # that cube, run for real (a step, timed once)
+          run size "run-$edge-remat=$remat" -m experiments.spatial_scaling \
+              --config=configs/brats3d.py --size="$edge,$edge,$edge" --time_steps=1 \
+              --config.train.remat="$remat"
+        fi
+      done ;;
+    *) echo "unknown part $part (bench, size, toy)" >&2; exit 2 ;;
+  esac
+done
+cat "$out/summary.txt"
