@@ -41,14 +41,14 @@ run() {
   shift 2
   local t0=$SECONDS
   timeout "$limit" "$py" "$@" >> "$out/$part.jsonl" 2>> "$out/$part.err"
-  echo "$part $name rc=$? ${SECONDS}s-${t0}s" >> "$out/summary.txt"
+  echo "$part $name rc=$? $((SECONDS - t0)) s" >> "$out/summary.txt"
 }
 
-bench() {  # config, steps, then dtypes
+bench() {  # config, steps, then dtypes; into the current part's file
   local cfg=$1 steps=$2
   shift 2
   for dtype in "$@"; do
-    run bench "$(basename "$cfg" .py)-$dtype" -m experiments.benchmark --config="$cfg" \
+    run "$part" "$(basename "$cfg" .py)-$dtype" -m experiments.benchmark --config="$cfg" \
         --steps="$steps" --config.train.dtype="$dtype"
   done
 }
