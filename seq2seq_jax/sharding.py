@@ -102,7 +102,8 @@ def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh) -> None:
   if first % (n * stride):
     logging.warning("config.train.crop_size=%s: %d is not a multiple of the spatial axis (%d) "
                     "times the model's total stride (%d); with the CPU-tuned conv forms the "
-                    "downsampled layers it does not split run under GSPMD, not per shard", tuple(crop_size), first, n, stride)
+                    "downsampled layers it does not split run under GSPMD, not per shard",
+                    tuple(crop_size), first, n, stride)
 
 
 def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:

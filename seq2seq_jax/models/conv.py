@@ -155,13 +155,13 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
             padding: str | Sequence[tuple[int, int]] = "VALID") -> jnp.ndarray:
   """Channels-last convolution; `kernel` is `[*k, in, out]`; zero `padding` per side.
 
-  XLA's own convolutions, except, with the CPU-tuned forms (`forms`), where XLA CPU is slow: the forward pass of stride-1 convs
-  (`forward_form`: a narrow-output conv such as the 3-channel 7×7 output conv is 30-40× faster
-  as `shifted_gemm_conv`, most others 1.2-3.5× as `row_stacked_conv`) and the kernel gradient
-  of wide and narrow layers (`kernel_grad`, GEMMs: 2-3× faster for wide layers, up to 100× for
-  the output conv). The input gradient is always XLA's, which runs at 130-170 GFLOP/s on the
-  shapes where its forward conv is slowest. 3D convs are 2D convs over depth slices
-  (`conv3d.conv3d`), so they get the same forms.
+  XLA's own convolutions, except, with the CPU-tuned forms (`forms`), where XLA CPU is slow:
+  the forward pass of stride-1 convs (`forward_form`: a narrow-output conv such as the
+  3-channel 7×7 output conv is 30-40× faster as `shifted_gemm_conv`, most others 1.2-3.5× as
+  `row_stacked_conv`) and the kernel gradient of wide and narrow layers (`kernel_grad`, GEMMs:
+  2-3× faster for wide layers, up to 100× for the output conv). The input gradient is always
+  XLA's, which runs at 130-170 GFLOP/s on the shapes where its forward conv is slowest. 3D
+  convs are 2D convs over depth slices (`conv3d.conv3d`), so they get the same forms.
   """
   ndims = x.ndim - 2
   if isinstance(padding, str):
