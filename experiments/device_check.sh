@@ -12,7 +12,8 @@
 #   (its row's device_peak_mb: what the allocator really took);
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
-# default 150 s), so one slow compile cannot take the whole run.
+# default 150 s; SIZE_LIMIT_S for size's, twice that), so one slow compile cannot take the
+# whole run.
 #
 # On a machine without ml_collections (this workplace's CUDA image), carry its wheel in .whl/
 # (ignored by git): `python3 -m pip download --no-deps --only-binary=:all: -d .whl
@@ -24,6 +25,7 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(bench size)
 mkdir -p "$out"
 limit=${LIMIT_S:-150}
+size_limit=${SIZE_LIMIT_S:-$((2 * limit))}  # up to five compilations of brats3d each
 budget=${BUDGET_GB:-120}
 size=${SIZE:-64,64,64}  # the first measured volume of `size` (a smaller one for a dry run)
 py=${PYTHON:-python3}
@@ -40,7 +42,9 @@ run() {
   local part=$1 name=$2
   shift 2
   local t0=$SECONDS
-  timeout "$limit" "$py" "$@" >> "$out/$part.jsonl" 2>> "$out/$part.err"
+  local t=$limit
+  [ "$part" = size ] && t=$size_limit
+  timeout "$t" "$py" "$@" >> "$out/$part.jsonl" 2>> "$out/$part.err"
   echo "$part $name rc=$? $((SECONDS - t0)) s" >> "$out/summary.txt"
 }
 
