@@ -7,8 +7,9 @@ Runs on `--devices` host CPU devices (set before JAX starts). For spatial shards
 … ≤ devices, the train-step gradient (the official objective, perceptual off) is compiled with
 the volume's depth sharded over a `spatial` mesh axis (GSPMD: the input is sharded, XLA
 propagates the sharding through every layer and inserts the halo exchanges and the norm
-statistics' reductions; the large stride-1 convs run per shard,
-`conv3d.sharded_reflect_conv`). Prints one JSON line per n: per-device temp memory from XLA's
+statistics' reductions; with the CPU-tuned conv forms the large stride-1 convs run per shard,
+`conv3d.sharded_reflect_conv`; `--config.train.conv_forms=xla`, what accelerators run, leaves
+every conv to GSPMD). Prints one JSON line per n: per-device temp memory from XLA's
 `memory_analysis()`, the loss and output error against n = 1, and the largest cubic volume
 whose step fits `--budget_gb` per device (memory modelled as fixed + per voxel from the
 compiled sizes, each guess checked by compiling it). With `--time_steps=N` each row's step
@@ -52,6 +53,7 @@ from seq2seq_jax import sharding  # noqa: E402
 from seq2seq_jax import train_step as ts  # noqa: E402
 from seq2seq_jax.losses import seq2seq_objective  # noqa: E402
 from seq2seq_jax.models import total_stride  # noqa: E402
+from seq2seq_jax.models import conv  # noqa: E402
 from seq2seq_jax.models import conv3d  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -67,13 +69,13 @@ flags.DEFINE_integer("time_steps", 0,
 flags.mark_flag_as_required("config")
 
 
-def step_fn(model, c_s, mesh=None):
+def step_fn(model, c_s, mesh=None, forms="auto"):
   cs = jnp.eye(c_s, dtype=jnp.float32)[:1]
   ct = jnp.eye(c_s, dtype=jnp.float32)[1:2]
 
   def f(params, x):
-    # As the train step: large 3D convs run per depth shard.
-    with conv3d.depth_sharding(mesh):
+    # As the train step: the CPU-tuned forms run large 3D convs per depth shard.
+    with conv3d.depth_sharding(mesh), conv.forms(forms):
       (loss, _), grads = jax.value_and_grad(
           lambda p: seq2seq_objective(model, {"params": p}, x, x, cs, ct),
           has_aux=True)(params)
@@ -89,14 +91,18 @@ def compiled_for(model, params, shape, n, c_s):
   p = jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
       params)
-  return step_fn(model, c_s, mesh).lower(p, x).compile(), mesh
+  return step_fn(model, c_s, mesh, _forms()).lower(p, x).compile(), mesh
+
+
+def _forms() -> str:
+  return str(FLAGS.config.train.conv_forms)
 
 
 def float64_gradient(model, params, x, c_s) -> np.ndarray:
   """`step_fn`'s gradient on one device with the model computed in float64, flattened."""
   with jax.enable_x64(True):
     p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-    _, grads, _ = step_fn(model.clone(dtype=jnp.float64), c_s)(p64,
+    _, grads, _ = step_fn(model.clone(dtype=jnp.float64), c_s, forms=_forms())(p64,
                                                                 jnp.asarray(x, jnp.float64))
     return np.concatenate([np.asarray(a).ravel() for a in jax.tree_util.tree_leaves(grads)])
 
@@ -174,7 +180,7 @@ def main(argv):
     g = np.concatenate([np.asarray(a).ravel() for a in jax.tree_util.tree_leaves(grads)])
     if ref is None:
       ref = (float(loss), out, g)
-    row = {"spatial_shards": n, "volume": list(shape[2:5]),
+    row = {"spatial_shards": n, "volume": list(shape[2:5]), "conv_forms": _forms(),
            "per_device_mb": per_device_bytes(compiled) / 2 ** 20,
            "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20,
            "loss_abs_err": abs(float(loss) - ref[0]),
