@@ -71,13 +71,6 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
-def device_peak_mb() -> float | None:
-  """The accelerator's peak memory in use so far (GPU/TPU allocator stats; None on CPU)."""
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return peak / 2**20 if peak is not None else None
-
-
 def _flops(compiled) -> float:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -253,7 +246,7 @@ def main(argv):
   # Peak RSS of the training step alone (ru_maxrss is a lifetime peak: read it before eval,
   # and before `memory_analysis`, which training never calls: it holds 112 MB more on brats3d).
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  out["device_peak_mb"] = device_peak_mb()
+  out["device_peak_mb"] = sharding.device_peak_mb()
   out.update(_xla_memory(compiled))
   if cpu_tuned:
     flops = count_flops(model, config, state, gbatch, vgg)

@@ -188,9 +188,9 @@ def main(argv):
            "grad_rel_l2_err": float(np.linalg.norm(g - ref[2]) / np.linalg.norm(ref[2]))}
     if times:
       row["sec_per_step"] = float(np.median(times))
-    stats = jax.devices()[0].memory_stats() or {}  # an accelerator's allocator; none on CPU
-    if "peak_bytes_in_use" in stats:
-      row["device_peak_mb"] = stats["peak_bytes_in_use"] / 2 ** 20
+    peak = sharding.device_peak_mb()  # an accelerator's allocator; none on CPU
+    if peak is not None:
+      row["device_peak_mb"] = peak
     if g64 is not None:
       row["grad_rel_l2_err_vs_float64"] = float(np.linalg.norm(g - g64) / np.linalg.norm(g64))
     if FLAGS.budget_gb > 0:

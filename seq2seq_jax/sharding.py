@@ -106,6 +106,13 @@ def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh) -> None:
                     tuple(crop_size), first, n, stride)
 
 
+def device_peak_mb() -> float | None:
+  """The first local device's peak memory in use so far, in MB (GPU/TPU allocator stats;
+  None on CPU, which keeps none)."""
+  peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+  return peak / 2**20 if peak is not None else None
+
+
 def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
   """Blocks until every process has reached the barrier `name` (no-op with one process).
 

@@ -394,6 +394,13 @@ XLA_FORMS_CASES = [
 ]
 
 
+def hlo_conv_ranks(stablehlo_text: str) -> list[int]:
+  """The spatial rank of each convolution in lowered StableHLO: the digits of its input's
+  dim numbers (e.g. [b, 0, 1, f] → 2)."""
+  return [len(re.findall(r"\d", m)) for m in
+          re.findall(r"stablehlo.convolution.*?dim_numbers = \[([^\]]*)\]", stablehlo_text)]
+
+
 @pytest.mark.parametrize("case", XLA_FORMS_CASES, ids=lambda c: "x".join(map(str, c[1])))
 def test_xla_forms_are_xla_own_convs_with_the_same_values(case):
   """`conv.forms('xla')` (GPUs, TPUs): the conv and both gradients are XLA's own convolutions
@@ -414,9 +421,7 @@ def test_xla_forms_are_xla_own_convs_with_the_same_values(case):
       # A new jit per forms: a jitted function's traces are cached without regard to them.
       text = jax.jit(lambda a, b, d: (conv_vjp(a, b)[0], conv_vjp(a, b)[1](d))).lower(
           x, w, dy).as_text()
-    # The spatial dims of each convolution's input (its lhs dim numbers, e.g. [b, 0, 1, f]).
-    ranks = [len(re.findall(r"\d", m)) for m in
-             re.findall(r"stablehlo.convolution.*?dim_numbers = \[([^\]]*)\]", text)]
+    ranks = hlo_conv_ranks(text)
     if forms == "xla":
       assert ranks == [len(x_shape) - 2] * 3, ranks  # y, dx, dW
       assert "dot_general" not in text and "while" not in text

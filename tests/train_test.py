@@ -209,9 +209,9 @@ def test_train_step_takes_the_configured_conv_forms(cache_dir, tmp_path, monkeyp
   with XLA's own 3D convs, 'cpu_tuned' with none (2D convs of depth slices; the values of
   both against the official code: model_test). A name neither is refused before the data
   are prepared."""
-  import re
   from seq2seq_jax import sharding
   from seq2seq_jax import train_step as ts
+  from tests.conv_test import hlo_conv_ranks
   c = tiny_config(cache_dir, ndims=3)
   c.train.lambda_per = 0.0
   model = ts.make_model(c)
@@ -230,9 +230,8 @@ def test_train_step_takes_the_configured_conv_forms(cache_dir, tmp_path, monkeyp
     step = ts.make_train_step(model, c, schedule, mesh, state_sh,
                               {k: v.ndim for k, v in batch.items()})
     text = step.lower(state, sharding.global_batch(mesh, batch), None).as_text()
-    lhs = re.findall(r"stablehlo.convolution.*?dim_numbers = \[([^\]]*)\]", text)
-    three_d = sum(len(re.findall(r"\d", m)) == 3 for m in lhs)
-    assert (three_d > 0) == (forms == "xla"), (forms, three_d, len(lhs))
+    ranks = hlo_conv_ranks(text)
+    assert (3 in ranks) == (forms == "xla"), (forms, ranks)
   prepared = []
   monkeypatch.setattr(train.data_lib, "prepare_data", prepared.append)
   with pytest.raises(ValueError, match="config.train.conv_forms.*'cudnn'"):
