@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -207,8 +208,11 @@ def test_pair_per_batch_step_equals_the_per_example_step():
 def test_train_step_takes_the_configured_conv_forms(cache_dir, tmp_path, monkeypatch):
   """`config.train.conv_forms`: 'xla' (what GPUs and TPUs get by default) traces the 3D step
   with XLA's own 3D convs, 'cpu_tuned' with none (2D convs of depth slices; the values of
-  both against the official code: model_test). A name neither is refused before the data
-  are prepared."""
+  both against the official code: model_test). The 'xla' step, in float32 and bf16, lowers
+  for CUDA and TPU (cross-platform lowering, no device needed) as plain StableHLO with its
+  convs in bf16 where asked: no custom call (a host callback in the step fails to lower for
+  CUDA here; a library kernel would be a custom call). A name neither is refused before the
+  data are prepared."""
   from seq2seq_jax import sharding
   from seq2seq_jax import train_step as ts
   from tests.conv_test import hlo_conv_ranks
@@ -224,14 +228,22 @@ def test_train_step_takes_the_configured_conv_forms(cache_dir, tmp_path, monkeyp
   sample = np.zeros((1, 1, 16, 16, 16, 1), np.float32)
   state_sh = ts.state_shardings(mesh, ts.abstract_state(model, c, sample))
   schedule = ts.poly_epoch_schedule(1e-3, 1e-6, 10, 100)
-  for forms in ("cpu_tuned", "xla"):
-    c.train.conv_forms = forms
+  for forms, dtype in (("cpu_tuned", "float32"), ("xla", "float32"), ("xla", "bfloat16")):
+    c.train.conv_forms, c.train.dtype = forms, dtype
+    model = ts.make_model(c)
     state = jax.eval_shape(lambda x: ts.init_state(model, c, x), sample)
     step = ts.make_train_step(model, c, schedule, mesh, state_sh,
                               {k: v.ndim for k, v in batch.items()})
-    text = step.lower(state, sharding.global_batch(mesh, batch), None).as_text()
-    ranks = hlo_conv_ranks(text)
+    traced = step.trace(state, sharding.global_batch(mesh, batch), None)
+    ranks = hlo_conv_ranks(traced.lower().as_text())
     assert (3 in ranks) == (forms == "xla"), (forms, ranks)
+    if forms == "xla":
+      for platform in ("cuda", "tpu"):
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        assert 3 in hlo_conv_ranks(text), (platform, dtype)
+        assert "custom_call" not in text, (platform, dtype)
+        bf16_conv = re.search(r"stablehlo.convolution[^\n]*bf16", text)
+        assert bool(bf16_conv) == (dtype == "bfloat16"), (platform, dtype)
   prepared = []
   monkeypatch.setattr(train.data_lib, "prepare_data", prepared.append)
   with pytest.raises(ValueError, match="config.train.conv_forms.*'cudnn'"):
