@@ -11,8 +11,9 @@ statistics' reductions; with the CPU-tuned conv forms the large stride-1 convs r
 `conv3d.sharded_reflect_conv`; `--config.train.conv_forms=xla`, what accelerators run, leaves
 every conv to GSPMD). Prints one JSON line per n: per-device temp memory from XLA's
 `memory_analysis()`, the loss and output error against n = 1, and the largest cubic volume
-whose step fits `--budget_gb` per device (memory modelled as fixed + per voxel from the
-compiled sizes, each guess checked by compiling it). With `--time_steps=N` each row's step
+whose step fits `--budget_gb` per device (`experiments/fit_search.py`: memory modelled as
+fixed + per voxel from the compiled sizes, each guess checked by compiling it, up to 4;
+`edge_exact` says whether the next edge was shown not to fit). With `--time_steps=N` each row's step
 is also timed (the median of N runs after a first one); all simulated devices share the
 host's cores, so this compares code, not hardware. With `--float64_reference` each row's
 gradient is also compared with one device's computed in float64 (the model's compute dtype
@@ -48,6 +49,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import fit_search  # noqa: E402
 from seq2seq_jax import host_memory  # noqa: E402
 from seq2seq_jax import sharding  # noqa: E402
 from seq2seq_jax import train_step as ts  # noqa: E402
@@ -113,37 +115,22 @@ def per_device_bytes(compiled) -> int:
 
 
 def largest_cube(model, params, c_s, n, stride, shape, used0):
-  """Largest cubic edge (a multiple of n · stride) whose step fits `--budget_gb` per device.
-
-  Memory is modelled as fixed + per-voxel (a line through the last two compiled sizes, the
-  first being `--size`); each guess is checked by compiling it, up to 4 compilations.
-  """
-  budget = FLAGS.budget_gb * 2 ** 30
+  """Largest cubic edge (a multiple of n · stride) whose step fits `--budget_gb` per device:
+  `fit_search` from the measured `--size`, up to 4 more compilations."""
   unit = n * stride
-  pts = [(float(np.prod(shape[2:5])), float(used0))]
-  best, best_used, tried = 0, None, set()
-  for _ in range(4):
-    if len(pts) == 1:
-      per_voxel, fixed = pts[0][1] / pts[0][0], 0.0
-    else:
-      (v0, u0), (v1, u1) = pts[-2:]
-      per_voxel = max((u1 - u0) / (v1 - v0), 1.0) if v1 != v0 else u1 / v1
-      fixed = u1 - per_voxel * v1
-    edge = int((max(budget - fixed, 0.0) / per_voxel) ** (1 / 3))
-    edge -= edge % unit
-    if edge <= 0 or edge in tried:
-      edge = best + unit if best and best + unit not in tried else 0
-      if edge <= 0:
-        break
-    tried.add(edge)
+
+  def used(edge):
     big, _ = compiled_for(model, params, (1, 1, edge, edge, edge, shape[-1]), n, c_s)
-    used = per_device_bytes(big)
-    pts.append((float(edge ** 3), float(used)))
-    if used <= budget and edge > best:
-      best, best_used = edge, used
-  return {"max_cubic_edge": best,
-          "max_edge_per_device_mb": best_used / 2 ** 20 if best_used else None,
-          "compiled_edges": sorted(tried)}
+    return per_device_bytes(big)
+
+  d, h, w = shape[2:5]
+  known = {d: used0} if d == h == w and d % unit == 0 else None
+  r = fit_search.largest_fitting_edge(used, FLAGS.budget_gb * 2 ** 30, unit, known=known,
+                                      hints=None if known else {d * h * w: used0}, max_evals=4)
+  return {"max_cubic_edge": r["edge"],
+          "max_edge_per_device_mb": r["edge_bytes"] / 2 ** 20 if r["edge_bytes"] else None,
+          "first_edge_over": r["first_over"], "edge_exact": r["exact"],
+          "compiled_edges": [e for e in r["evaluated"] if not known or e not in known]}
 
 
 def main(argv):

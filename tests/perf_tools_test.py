@@ -79,3 +79,41 @@ def test_thread_cpu_time_counts_a_busy_loop():
   # The spinning thread (a new tid, so all its CPU time counts) used most of the interval.
   assert busy and busy[0][1] > 0.5, busy
   assert profile_step.busy_threads({"1 a": 5.0}, {"1 a": 6.0, "2 b": 0.01}, 2.0) == [("a", 0.5)]
+
+
+def _brute_force_edge(used, budget, unit, top=4096):
+  return max((e for e in range(unit, top, unit) if used(e) <= budget), default=0)
+
+
+def test_fit_search_finds_the_boundary_of_memory_models_in_few_compilations():
+  """`fit_search.largest_fitting_edge` against brute force on closed-form memory models
+  (fixed + per-voxel, with surface and edge terms that its linear model lacks)."""
+  import itertools
+  from experiments import fit_search
+  models = [lambda e: 3e8 + 2600.0 * e ** 3,
+            lambda e: 1e8 + 3000.0 * e ** 3 + 2e5 * e ** 2,
+            lambda e: 5e9 + 900.0 * e ** 3 + 4e6 * e,
+            lambda e: 2e6 * e ** 2 + 50.0 * e ** 3]
+  for used, budget, unit, start in itertools.product(models, (2 * 2 ** 30, 120 * 2 ** 30),
+                                                     (4, 32), (64, 256)):
+    calls = []
+    r = fit_search.largest_fitting_edge(lambda e: calls.append(e) or used(e), budget, unit,
+                                        start=start)
+    truth = _brute_force_edge(used, budget, unit)
+    assert r["exact"] and r["edge"] == truth, (r, truth)
+    assert r["first_over"] == truth + unit and len(calls) <= 6
+    assert set(calls) == set(r["evaluated"]) and len(calls) == len(set(calls))
+    if truth:
+      assert r["edge_bytes"] == used(truth)
+  # Sizes already compiled are not compiled again, and non-cubic ones only guide the guess.
+  used = models[1]
+  truth = _brute_force_edge(used, 2 * 2 ** 30, 8)
+  calls = []
+  r = fit_search.largest_fitting_edge(lambda e: calls.append(e) or used(e), 2 * 2 ** 30, 8,
+                                      known={64: used(64)})
+  assert r["edge"] == truth and r["exact"] and 64 not in calls
+  r = fit_search.largest_fitting_edge(used, 2 * 2 ** 30, 8, hints={32 * 64 * 64: 4e8})
+  assert r["edge"] == truth and r["exact"]
+  # Out of evaluations before the boundary: a fitting edge, flagged as not exact.
+  r = fit_search.largest_fitting_edge(used, 120 * 2 ** 30, 4, start=8, max_evals=1)
+  assert r["edge"] == 8 and not r["exact"] and r["first_over"] is None
