@@ -81,18 +81,27 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   return global_batch_size // n_proc
 
 
-def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh) -> None:
+def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh,
+                        conv_forms: str = "auto") -> None:
   """Checks that the mesh's `spatial` axis splits the training crop's first spatial extent
   (depth in 3D, height in 2D) evenly; warns where the model's downsampled extents do not.
+  Refuses XLA's conv forms (`config.train.conv_forms='xla'`) split over CPU devices.
 
   With the CPU-tuned conv forms, layers whose extent the shards do not divide cannot run per
   shard (`conv3d.sharded_reflect_conv`) and fall back to GSPMD: slower, and XLA CPU's 3D conv
   under GSPMD has given wrong results inside a whole step (experiments/README.md, fifteenth
-  session). (With XLA's forms, every layer is GSPMD's.)
+  session). With XLA's forms every layer is GSPMD's, and on CPU devices that whole step was
+  wrong the same way: `brats3d` at 64³ over 8 host devices gave gradients 11% off one
+  device's on 2 cores and right on one (experiments/README.md, seventeenth session).
   """
   n = int(mesh.shape["spatial"])
   if n == 1:
     return
+  if conv_forms == "xla" and mesh.devices.flat[0].platform == "cpu":
+    raise ValueError(
+        f"config.train.conv_forms='xla' with config.mesh's spatial axis ({n}) on CPU devices: "
+        "XLA CPU has computed wrong gradients for such a step (a race between the devices' "
+        "threads; experiments/README.md). Use 'auto' (the CPU-tuned forms) on CPU")
   # The model's spatial axes are the read window's last `ndims` (a 2D window leads with its
   # slice count, which c_in sets and which does not matter here).
   first = sampling.crop_shape(ndims, 1, crop_size)[-ndims]

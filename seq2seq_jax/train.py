@@ -124,8 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   stride = total_stride(config.model)
   sharding.local_batch_size(int(tc.batch_size), mesh)  # checks the batch splits evenly
   ndims, c_in, c_s = int(config.model.ndims), int(config.model.c_in), int(config.model.c_s)
-  sharding.check_spatial_split(tc.crop_size, ndims, stride, mesh)
   conv.check_forms(tc.conv_forms)
+  sharding.check_spatial_split(tc.crop_size, ndims, stride, mesh, tc.conv_forms)
   dataset_dir = data_lib.prepare_data(config)
   meta = dataset_lib.load_metadata(dataset_dir)
   model = ts.make_model(config)

@@ -95,7 +95,8 @@ def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
 
 def test_training_crops_the_spatial_axis_does_not_split_are_refused(caplog):
   """The first spatial extent (depth in 3D, height in 2D) must split evenly over `spatial`;
-  one whose downsampled extents do not split is trained but warned about."""
+  one whose downsampled extents do not split is trained but warned about. XLA's conv forms
+  split over CPU devices are refused."""
   import logging
   import pytest
   from seq2seq_jax import sharding
@@ -112,3 +113,10 @@ def test_training_crops_the_spatial_axis_does_not_split_are_refused(caplog):
     sharding.check_spatial_split((8, 64, 64), 3, 4, mesh)  # 8 / stride 4 = 2 latent slices
     assert "GSPMD" in caplog.text
   sharding.check_spatial_split((30, 64, 64), 3, 4, sharding.make_mesh({"data": 4, "spatial": 1}))
+  # XLA's own conv forms split over CPU devices are refused (wrong gradients seen there);
+  # unsplit, or with the CPU-tuned forms, they train.
+  with pytest.raises(ValueError, match=r"conv_forms='xla'.*spatial axis \(4\).*CPU"):
+    sharding.check_spatial_split((32, 64, 64), 3, 4, mesh, "xla")
+  sharding.check_spatial_split((32, 64, 64), 3, 4, mesh, "cpu_tuned")
+  sharding.check_spatial_split((32, 64, 64), 3, 4, sharding.make_mesh({"data": 4, "spatial": 1}),
+                               "xla")
