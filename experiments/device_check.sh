@@ -9,7 +9,9 @@
 #   precision) and bf16, XLA's own conv forms (`config.train.conv_forms=auto` off the CPU);
 # size: brats3d's largest cube whose gradient step fits BUDGET_GB (default 120) by XLA's
 #   memory plan (`experiments.spatial_scaling`, 1 device), then one real step at that cube
-#   (its row's device_peak_mb: what the allocator really took);
+#   (its row's device_peak_mb: what the allocator really took); JAX may take 92% of the
+#   card (XLA_PYTHON_CLIENT_MEM_FRACTION). `experiments.gpu_plan` gives the plan without a
+#   card, for comparison;
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
 # default 150 s; SIZE_LIMIT_S for size's, twice that), so one slow compile cannot take the
@@ -30,6 +32,8 @@ budget=${BUDGET_GB:-120}
 size=${SIZE:-64,64,64}  # the first measured volume of `size` (a smaller one for a dry run)
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# JAX takes 75% of a GPU's memory by default (105 GiB of an H200's 140), under BUDGET_GB.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 if compgen -G ".whl/*.whl" >/dev/null; then
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 
@@ -57,9 +58,13 @@ def ensure_deps(path: str) -> str:
   r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                       "--target", tmp, *reqs], capture_output=True, text=True)
   if r.returncode:
-    raise RuntimeError(f"could not install the CUDA plugin for deviceless compilation into "
-                       f"{tmp}:\n{r.stderr[-2000:]}")
-  os.replace(tmp, target)  # a half-finished install is never taken for a whole one
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise RuntimeError(f"could not install {' '.join(reqs)} into {tmp} (the CUDA plugin "
+                       f"for deviceless compilation):\n{r.stderr[-2000:]}")
+  try:
+    os.rename(tmp, target)  # a half-finished install is never taken for a whole one
+  except OSError:  # another process finished first
+    shutil.rmtree(tmp, ignore_errors=True)
   return target
 
 
@@ -76,7 +81,6 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import fit_search  # noqa: E402
