@@ -8,12 +8,15 @@ fits and the next multiple of `unit` that does not, or after `max_evals` evaluat
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import math
+
+from typing import Callable, Dict, Optional, Tuple
 
 
 def largest_fitting_edge(used: Callable[[int], float], budget: float, unit: int,
-                         start: Optional[int] = None, known: Optional[Dict[int, float]] = None,
-                         hints: Optional[Dict[int, float]] = None, max_evals: int = 6) -> dict:
+                         start: Optional[int] = None,
+                         measured: Optional[Dict[Tuple[int, ...], float]] = None,
+                         max_evals: int = 6) -> dict:
   """Largest multiple of `unit` whose `used(edge)` (bytes) is at most `budget`.
 
   Args:
@@ -21,8 +24,8 @@ def largest_fitting_edge(used: Callable[[int], float], budget: float, unit: int,
     budget: bytes available.
     unit: the edges allowed are its multiples (the model's stride times the shards).
     start: the first edge evaluated (a multiple of `unit`); None: the model's first guess.
-    known: {edge: bytes} of cubes already compiled (not evaluated again).
-    hints: {voxels: bytes} measured on other (non-cubic) volumes, for the model only.
+    measured: {volume (D, H, W): bytes} already compiled: cubes whose edge is a multiple of
+      `unit` count as evaluated (not compiled again); other volumes guide the model only.
     max_evals: calls of `used` at most.
 
   Returns:
@@ -32,11 +35,14 @@ def largest_fitting_edge(used: Callable[[int], float], budget: float, unit: int,
   """
   if start is not None and (start <= 0 or start % unit):
     raise ValueError(f"start edge {start} must be a positive multiple of {unit}")
-  if start is None and not hints and not known:
-    raise ValueError("give a start edge, or known sizes or hints to guess one from")
-  pts = {int(e): float(b) for e, b in (known or {}).items()}  # compiled cubes
-  model = dict(hints or {})  # voxels -> bytes
-  model.update({e ** 3: b for e, b in pts.items()})
+  if start is None and not measured:
+    raise ValueError("give a start edge, or measured volumes to guess one from")
+  pts: Dict[int, float] = {}  # evaluated cube edges -> bytes
+  model: Dict[int, float] = {}  # voxels -> bytes
+  for volume, b in (measured or {}).items():
+    model[int(math.prod(volume))] = float(b)
+    if len(set(volume)) == 1 and volume[0] % unit == 0:
+      pts[int(volume[0])] = float(b)
   calls = 0
 
   def bounds():

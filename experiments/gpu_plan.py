@@ -154,9 +154,8 @@ def card_devices(card: dict, n: int):
 
 def plan_bytes(compiled) -> dict:
   m = compiled.memory_analysis()
-  need = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes)
-  return {"per_device_bytes": int(need), "temp_bytes": int(m.temp_size_in_bytes),
+  return {"per_device_bytes": sharding.planned_device_bytes(compiled),
+          "temp_bytes": int(m.temp_size_in_bytes),
           "argument_bytes": int(m.argument_size_in_bytes),
           "donated_bytes": int(m.alias_size_in_bytes)}
 
@@ -175,24 +174,26 @@ class StepPlanner:
     self.state_sh = ts.state_shardings(self.mesh, abstract)
     self.state = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sh)
-    self.schedule = ts.poly_epoch_schedule(float(config.train.lr), float(config.train.min_lr),
-                                           int(config.train.epochs), 1000)
+    schedule = ts.poly_epoch_schedule(float(config.train.lr), float(config.train.min_lr),
+                                      int(config.train.epochs), 1000)
+    # One jit for every volume: its shardings and batch ranks do not change with the volume.
+    self.step = ts.make_train_step(self.model, config, schedule, self.mesh, self.state_sh,
+                                   {k: len(s) for k, s in self.shapes((1, 1, 1)).items()})
 
-  def batch(self, volume):
+  def shapes(self, volume) -> dict:
     tc, mc = self.config.train, self.config.model
     b, c_s = int(tc.batch_size), int(mc.c_s)
     image = (b, 1, *volume, int(mc.c_in))
-    shapes = {"src": image, "tgt": image, "src_code": (b, c_s), "tgt_code": (b, c_s)}
+    return {"src": image, "tgt": image, "src_code": (b, c_s), "tgt_code": (b, c_s)}
+
+  def batch(self, volume):
     return {k: jax.ShapeDtypeStruct(s, jnp.float32,
                                     sharding=sharding.batch_sharding(self.mesh, len(s)))
-            for k, s in shapes.items()}
+            for k, s in self.shapes(volume).items()}
 
   def __call__(self, volume) -> dict:
-    batch = self.batch(volume)
-    step = ts.make_train_step(self.model, self.config, self.schedule, self.mesh, self.state_sh,
-                              {k: len(v.shape) for k, v in batch.items()})
     t0 = time.perf_counter()
-    compiled = step.lower(self.state, batch, None).compile()
+    compiled = self.step.lower(self.state, self.batch(volume), None).compile()
     return {**plan_bytes(compiled), "compile_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -225,15 +226,11 @@ def main(argv):
       return r["per_device_bytes"]
 
     unit = n * stride
-    known = {}
-    for v in FLAGS.volume:
-      volume = tuple(int(s) for s in v.split(","))
-      used = row(volume)
-      if len(set(volume)) == 1 and volume[0] % unit == 0:
-        known[volume[0]] = used  # a cube the search need not compile again
+    volumes = [tuple(int(s) for s in v.split(",")) for v in FLAGS.volume]
+    measured = {v: row(v) for v in volumes}  # cubes among them are not compiled again
     start = max(unit, FLAGS.start_edge - FLAGS.start_edge % unit)
     r = fit_search.largest_fitting_edge(lambda e: row((e, e, e)), budget, unit, start=start,
-                                        known=known, max_evals=FLAGS.max_compiles)
+                                        measured=measured, max_evals=FLAGS.max_compiles)
     print(json.dumps({**common, "shards": n, "budget_mb": mb(budget),
                       "largest_cube": r["edge"],
                       "largest_cube_per_device_mb": mb(r["edge_bytes"] or 0),

@@ -110,8 +110,7 @@ def float64_gradient(model, params, x, c_s) -> np.ndarray:
 
 
 def per_device_bytes(compiled) -> int:
-  m = compiled.memory_analysis()
-  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
+  return sharding.planned_device_bytes(compiled)
 
 
 def largest_cube(model, params, c_s, n, stride, shape, used0):
@@ -123,14 +122,13 @@ def largest_cube(model, params, c_s, n, stride, shape, used0):
     big, _ = compiled_for(model, params, (1, 1, edge, edge, edge, shape[-1]), n, c_s)
     return per_device_bytes(big)
 
-  d, h, w = shape[2:5]
-  known = {d: used0} if d == h == w and d % unit == 0 else None
-  r = fit_search.largest_fitting_edge(used, FLAGS.budget_gb * 2 ** 30, unit, known=known,
-                                      hints=None if known else {d * h * w: used0}, max_evals=4)
+  size = tuple(shape[2:5])
+  r = fit_search.largest_fitting_edge(used, FLAGS.budget_gb * 2 ** 30, unit,
+                                      measured={size: used0}, max_evals=4)
   return {"max_cubic_edge": r["edge"],
           "max_edge_per_device_mb": r["edge_bytes"] / 2 ** 20 if r["edge_bytes"] else None,
           "first_edge_over": r["first_over"], "edge_exact": r["exact"],
-          "compiled_edges": [e for e in r["evaluated"] if not known or e not in known]}
+          "compiled_edges": [e for e in r["evaluated"] if (e, e, e) != size]}
 
 
 def main(argv):

@@ -122,6 +122,14 @@ def device_peak_mb() -> float | None:
   return peak / 2**20 if peak is not None else None
 
 
+def planned_device_bytes(compiled) -> int:
+  """What one device needs for a compiled program by XLA's buffer plan: its arguments,
+  outputs not written into donated arguments, and temporaries."""
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+
+
 def wait_for_all_processes(name: str, timeout_s: float = 3600.0) -> None:
   """Blocks until every process has reached the barrier `name` (no-op with one process).
 

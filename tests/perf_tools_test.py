@@ -110,9 +110,9 @@ def test_fit_search_finds_the_boundary_of_memory_models_in_few_compilations():
   truth = _brute_force_edge(used, 2 * 2 ** 30, 8)
   calls = []
   r = fit_search.largest_fitting_edge(lambda e: calls.append(e) or used(e), 2 * 2 ** 30, 8,
-                                      known={64: used(64)})
+                                      measured={(64, 64, 64): used(64)})
   assert r["edge"] == truth and r["exact"] and 64 not in calls
-  r = fit_search.largest_fitting_edge(used, 2 * 2 ** 30, 8, hints={32 * 64 * 64: 4e8})
+  r = fit_search.largest_fitting_edge(used, 2 * 2 ** 30, 8, measured={(32, 64, 64): 4e8})
   assert r["edge"] == truth and r["exact"]
   # Out of evaluations before the boundary: a fitting edge, flagged as not exact.
   r = fit_search.largest_fitting_edge(used, 120 * 2 ** 30, 4, start=8, max_evals=1)
