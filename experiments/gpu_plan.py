@@ -73,6 +73,9 @@ if __name__ == "__main__":
   # used for its compiler; there is no GPU to run on).
   sys.path.insert(0, ensure_deps(deps_dir(sys.argv)))
   os.environ["JAX_PLATFORMS"] = "cpu"
+  from seq2seq_jax import host_memory  # imports no JAX
+  # A CPU process's remat setting (e.g. inherited from the tests) would break the GPU compile.
+  os.environ["XLA_FLAGS"] = host_memory.without_kept_barriers(os.environ.get("XLA_FLAGS", ""))
 
 import json  # noqa: E402
 import time  # noqa: E402

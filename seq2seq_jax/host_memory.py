@@ -147,6 +147,16 @@ def keep_remat_barriers(remat: bool) -> bool:
   return True
 
 
+def without_kept_barriers(flags: str) -> str:
+  """`flags` (XLA_FLAGS) less `keep_remat_barriers`' disabled pass, for a process that
+  compiles for a GPU (`experiments/gpu_plan.py`): XLA's GPU compiler rejects a program whose
+  barriers reach its code generation ("Unsupported instruction opcode: opt-barrier")."""
+  def keep_others(m):
+    passes = [p for p in m.group(1).split(",") if p and p != _BARRIER_PASS]
+    return f"--xla_disable_hlo_passes={','.join(passes)}" if passes else ""
+  return " ".join(re.sub(r"--xla_disable_hlo_passes=(\S*)", keep_others, flags).split())
+
+
 @functools.lru_cache(maxsize=None)
 def _libc():
   try:

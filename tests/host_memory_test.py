@@ -117,6 +117,19 @@ def test_keep_remat_barriers_sets_or_extends_the_disabled_passes(monkeypatch):
   assert os.environ["XLA_FLAGS"] == ""
 
 
+def test_without_kept_barriers_undoes_keep_remat_barriers_only(monkeypatch):
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  for before in ("", "--xla_force_host_platform_device_count=2",
+                 "--xla_disable_hlo_passes=foo --xla_dump_to=/tmp/d",
+                 "--xla_disable_hlo_passes=foo,bar"):
+    monkeypatch.setenv("XLA_FLAGS", before)
+    assert host_memory.keep_remat_barriers(True)
+    assert host_memory.without_kept_barriers(os.environ["XLA_FLAGS"]) == before
+  assert host_memory.without_kept_barriers(
+      "--xla_disable_hlo_passes=cse_barrier_expander,foo --a=1") == (
+          "--xla_disable_hlo_passes=foo --a=1")
+
+
 @pytest.mark.parametrize("remat,elementwise", [(False, False), (True, False), (False, True)])
 def test_configure_cpu_host_sets_what_the_train_fields_ask(monkeypatch, remat, elementwise):
   """Either recompute option keeps the barriers; the scheduler and fusion-emitter flags

@@ -71,7 +71,8 @@ def forms(name: str) -> Iterator[None]:
     chunks, per-shard 3D convs on depth-sharded volumes, per-example kernels as GEMMs);
   - xla: XLA's own convolutions throughout, as GPUs (cuDNN) and TPUs run them fastest: 3D
     convs as 3D convs (partitioned by GSPMD on a depth-sharded volume), per-example kernels
-    as one grouped conv, no custom gradients;
+    as one grouped conv; their gradients XLA's too, the two of each conv computed together
+    (`xla_conv`);
   - auto: cpu_tuned where JAX's default backend is the CPU, xla elsewhere.
   """
   check_forms(name)
@@ -151,6 +152,21 @@ def _xla_conv(x, kernel, stride, pads):
       dimension_numbers=dimension_numbers(ndims))
 
 
+def xla_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
+             pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
+  """XLA's conv, whose two gradients are computed together (the `xla` forms' conv).
+
+  The kernel gradient is needed only by the optimizer, after the whole backward pass, and
+  XLA's GPU scheduler defers it there, keeping each layer's input alive meanwhile. On a
+  depth-sharded volume that input is also halo-extended twice (for the recomputed forward
+  conv and for the kernel gradient; XLA fuses the two, so both are made at recompute time):
+  brats3d's gradient at 64³ on 2 H200s planned 235 MiB of temporaries with `remat`, more
+  than on one (208). Behind one optimization barrier with the input gradient (`_conv`'s VJP)
+  it is 149 MiB (205 on one, 76 on 4; experiments/README.md, "eighteenth session").
+  """
+  return _conv(x, kernel, stride, tuple(pads), "xla", "xla")
+
+
 def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
             padding: str | Sequence[tuple[int, int]] = "VALID") -> jnp.ndarray:
   """Channels-last convolution; `kernel` is `[*k, in, out]`; zero `padding` per side.
@@ -170,7 +186,7 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
     padding = ((0, 0),) * ndims
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   if not cpu_tuned():
-    return _xla_conv(x, kernel, stride, pads)
+    return xla_conv(x, kernel, stride, pads)
   if ndims == 3:
     from seq2seq_jax.models import conv3d  # conv3d builds on this module's 2D convs
     return conv3d.conv3d(x, kernel, stride, pads)

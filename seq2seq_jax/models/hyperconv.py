@@ -46,7 +46,7 @@ def grouped_conv(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.n
   with a feature group per example, which cuDNN and TPUs run directly (`conv.forms('xla')`).
   """
   valid = ((0, 0),) * (x.ndim - 2)
-  return jax.vmap(lambda xi, wi: conv._xla_conv(xi[None], wi, stride, valid)[0])(x, kernels)
+  return jax.vmap(lambda xi, wi: conv.xla_conv(xi[None], wi, stride, valid)[0])(x, kernels)
 
 
 class HyperConv(nn.Module):
