@@ -244,7 +244,8 @@ def _conv_bwd(stride, pads, fwd, grad, res, dy):
   # XLA's scheduler otherwise put many layers' off until then, each keeping its x and dy
   # alive meanwhile: brats2d's step held 132 such activations at its peak (XLA temporaries
   # 855 -> 684 MB; experiments/README.md). XLA CPU keeps the barrier only where remat's are
-  # kept (`host_memory.keep_remat_barriers`); elsewhere this is a no-op.
+  # kept (`host_memory.keep_remat_barriers`), elsewhere on CPU it is a no-op; XLA GPU keeps
+  # it through scheduling (`xla_conv`).
   return lax.optimization_barrier(grads)
 
 
