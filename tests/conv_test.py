@@ -446,29 +446,48 @@ def test_conv_forms_auto_follows_the_default_backend(monkeypatch):
       pass
 
 
-def test_xla_forms_leave_a_depth_sharded_conv_to_gspmd(monkeypatch):
-  """With XLA's forms a layer that the CPU-tuned forms run per shard (`shard_map`) is one 3D
-  conv partitioned by GSPMD, equal to the unsharded conv, forward and both gradients."""
+# (batch, depth, cin, k, stride, mesh): halo exchange, strided (each slab a multiple of the
+# stride), slabs no thicker than the halo (the gathered window), batch on the data axis, and
+# slabs of 3 slices for a stride of 2, which do not line up with the outputs (left to GSPMD).
+XLA_SHARDED_CASES = [
+    (1, 8, 4, 3, 1, {"data": 1, "spatial": 4}),
+    (1, 16, 4, 3, 2, {"data": 1, "spatial": 4}),
+    (1, 8, 3, 5, 1, {"data": 1, "spatial": 4}),
+    (2, 12, 3, 3, 2, {"data": 2, "spatial": 2}),
+    (1, 12, 4, 3, 2, {"data": 1, "spatial": 4}),
+]
+
+
+@pytest.mark.parametrize("case", XLA_SHARDED_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_xla_forms_run_a_depth_sharded_conv_per_shard(case, monkeypatch):
+  """With XLA's forms every depth-sharded reflect conv whose slabs line up with its outputs
+  runs per shard (`shard_map`, one XLA conv each, no chunks), strided ones included; the
+  others are one 3D conv partitioned by GSPMD. Forward and both gradients equal the
+  unsharded conv's."""
   from seq2seq_jax.models import conv3d
-  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)  # every layer counts as large
-  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 36)  # one-slice chunks
-  mesh = sharding.make_mesh({"data": 1, "spatial": 4})
+  b, depth, cin, k, stride, mesh_cfg = case
+  pad, n = k // 2, mesh_cfg["spatial"]
+  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)  # chunks, were the forms CPU-tuned
+  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 36)
+  mesh = sharding.make_mesh(mesh_cfg)
   rng = np.random.default_rng(13)
-  x = jnp.asarray(rng.standard_normal((1, 8, 6, 6, 4)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 5)) * 0.1, jnp.float32)
+  x = jnp.asarray(rng.standard_normal((b, depth, 6, 6, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k,) * 3 + (cin, 5)) * 0.1, jnp.float32)
 
   def f(a, c):
     with conv3d.depth_sharding(mesh), conv.forms("xla"):
-      return conv.reflect_conv(a, c, 1, 1)
-  with conv3d.depth_sharding(mesh):
-    assert "shard_map" in str(jax.make_jaxpr(lambda a, c: conv.reflect_conv(a, c, 1, 1))(x, w))
+      return conv.reflect_conv(a, c, stride, pad)
   jaxpr = str(jax.make_jaxpr(f)(x, w))
-  assert "shard_map" not in jaxpr and jaxpr.count("conv_general_dilated") == 1
-  xs = jax.device_put(x, NamedSharding(mesh, P(None, "spatial")))
-  y, vjp = jax.vjp(jax.jit(f), xs, w)
-  y_ref, vjp_ref = jax.vjp(lambda a, c: conv._xla_conv(ops.reflect_pad(a, 1), c, 1,
+  per_shard = (depth // n) % stride == 0
+  assert ("shard_map" in jaxpr) == per_shard and "scan" not in jaxpr
+  if per_shard:
+    assert ("all_gather" if depth // n <= pad else "ppermute") in jaxpr
+  assert jaxpr.count("conv_general_dilated") == 1
+  spec = P("data" if mesh_cfg["data"] > 1 else None, "spatial")
+  y, vjp = jax.vjp(jax.jit(f), jax.device_put(x, NamedSharding(mesh, spec)), w)
+  y_ref, vjp_ref = jax.vjp(lambda a, c: conv._xla_conv(ops.reflect_pad(a, pad), c, stride,
                                                        ((0, 0),) * 3), x, w)
   np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  for got, want in zip(vjp(dy), vjp_ref(dy)):
+  for got, want in zip(vjp(jax.device_put(dy, y.sharding)), vjp_ref(dy)):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))

@@ -201,9 +201,9 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
 
 def reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, pad: int) -> jnp.ndarray:
   """`conv_nd` of `x` reflect-padded by `pad` on every spatial axis (the official
-  `padding_mode='reflect'`); per shard where a 3D volume's depth is sharded and the layer
-  large and the forms CPU-tuned (`conv3d.sharded_reflect_conv`)."""
-  if x.ndim == 5 and cpu_tuned():
+  `padding_mode='reflect'`); per shard where a 3D volume's depth is sharded
+  (`conv3d.sharded_reflect_conv` says which layers)."""
+  if x.ndim == 5:
     from seq2seq_jax.models import conv3d
     y = conv3d.sharded_reflect_conv(x, kernel, stride, pad)
     if y is not None:

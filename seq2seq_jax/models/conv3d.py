@@ -74,25 +74,34 @@ def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
 
 def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
                          pad: int) -> jnp.ndarray | None:
-  """`conv.reflect_conv` per depth shard, for the layers one device chunks; None where it does
-  not apply (no sharded depth, a layer that does not chunk, a depth the shards do not divide).
+  """`conv.reflect_conv` per depth shard; None where it does not apply (no sharded depth, a
+  depth the shards do not divide; with the CPU-tuned forms, a layer that does not chunk).
 
   Each shard's slab gets `pad` slices from each neighbour (`ppermute`; at the volume's ends
   the reflected slices of its own), then is convolved as on one device (chunked where its
   own stacked inputs are large). Slabs of `pad` slices or fewer cannot serve their
   neighbours' halos (nor reflect the volume's ends) alone: there every shard gathers the
   whole depth and slices out its window (`_gathered_window`); such volumes are at most
-  `pad` × shards slices deep. Under GSPMD alone these layers were XLA's 3D conv (1-20
-  GFLOP/s on CPU), as chunking there would gather the volume onto every device, and inside
-  brats3d's whole step at 64³ over 8 host devices that conv came out wrong
-  (experiments/README.md, fifteenth session).
+  `pad` × shards slices deep.
+
+  CPU-tuned forms: only the layers one device chunks. Under GSPMD alone these were XLA's 3D
+  conv (1-20 GFLOP/s on CPU), as chunking there would gather the volume onto every device,
+  and inside brats3d's whole step at 64³ over 8 host devices that conv came out wrong
+  (experiments/README.md, fifteenth session). XLA's forms: every layer whose output slabs
+  line up with its input's (`_splits_evenly`). GSPMD partitions the depth reflect pad into
+  a select whose two boolean masks per padded activation it kept from the forward pass to
+  the backward (brats3d at 128³ on 2 H200s: 114 MiB of the gradient's temporaries;
+  experiments/README.md, nineteenth session).
   """
   mesh = _MESH.get()
   if mesh is None:
     return None
   n, depth = _shards(mesh), x.shape[1]
-  # chunk_size is None for strided layers too.
-  if chunk_size(x.shape, kernel.shape, stride, ((pad, pad),) * 3) is None or depth % n:
+  if conv.cpu_tuned():
+    # chunk_size is None for strided layers too.
+    if chunk_size(x.shape, kernel.shape, stride, ((pad, pad),) * 3) is None or depth % n:
+      return None
+  elif not _splits_evenly(depth, n, kernel.shape[0], stride, pad):
     return None
   data = int(mesh.shape.get("data", 1))
   spec = P("data" if x.shape[0] % data == 0 else None, "spatial")
@@ -104,12 +113,22 @@ def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
     elif pad:
       xl = _depth_halo(xl, pad, n)
     with depth_sharding(None):
-      return conv3d(xl, w, 1, ((0, 0),) * 3)
+      return conv.conv_nd(xl, w, stride)
 
   # check_vma off: the chunk loops' carries start from zeros that are not marked as varying
   # over the mesh, which the check rejects; the kernel's gradient is still summed over shards.
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec,
                        check_vma=False)(x, kernel)
+
+
+def _splits_evenly(depth: int, n: int, k: int, stride: int, pad: int) -> bool:
+  """Whether a conv of `depth` slices reflect-padded by `pad` splits into `n` depth shards
+  that each convolve their own slab and its halos: slabs a multiple of the stride (so that
+  each shard's first output starts at its first slice) and as many outputs per shard as
+  the whole volume has over `n`."""
+  slab = depth // n
+  return (depth % n == 0 and slab % stride == 0
+          and n * ((slab + 2 * pad - k) // stride + 1) == (depth + 2 * pad - k) // stride + 1)
 
 
 def _gathered_window(xl: jnp.ndarray, pad: int) -> jnp.ndarray:
