@@ -87,12 +87,13 @@ def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh,
   (depth in 3D, height in 2D) evenly; warns where the model's downsampled extents do not.
   Refuses XLA's conv forms (`config.train.conv_forms='xla'`) split over CPU devices.
 
-  With the CPU-tuned conv forms, layers whose extent the shards do not divide cannot run per
-  shard (`conv3d.sharded_reflect_conv`) and fall back to GSPMD: slower, and XLA CPU's 3D conv
-  under GSPMD has given wrong results inside a whole step (experiments/README.md, fifteenth
-  session). With XLA's forms every layer is GSPMD's, and on CPU devices that whole step was
-  wrong the same way: `brats3d` at 64³ over 8 host devices gave gradients 11% off one
-  device's on 2 cores and right on one (experiments/README.md, seventeenth session).
+  Layers whose extent the shards do not divide (or, strided, whose slabs do not line up with
+  their outputs) cannot run per shard (`conv3d.sharded_reflect_conv`) and fall back to
+  GSPMD: slower on CPU, and XLA CPU's 3D conv under GSPMD has given wrong results inside a
+  whole step (experiments/README.md, fifteenth session). When XLA's forms left every layer
+  to GSPMD, on CPU devices that whole step was wrong the same way: `brats3d` at 64³ over 8
+  host devices gave gradients 11% off one device's on 2 cores and right on one
+  (experiments/README.md, seventeenth session).
   """
   n = int(mesh.shape["spatial"])
   if n == 1:
@@ -110,8 +111,8 @@ def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh,
                      f"({first}) must be a multiple of config.mesh's spatial axis ({n})")
   if first % (n * stride):
     logging.warning("config.train.crop_size=%s: %d is not a multiple of the spatial axis (%d) "
-                    "times the model's total stride (%d); with the CPU-tuned conv forms the "
-                    "downsampled layers it does not split run under GSPMD, not per shard",
+                    "times the model's total stride (%d); the downsampled layers it does not "
+                    "split run under GSPMD, not per shard",
                     tuple(crop_size), first, n, stride)
 
 

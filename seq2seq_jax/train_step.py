@@ -135,8 +135,8 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
           lambda_rec=tc.lambda_rec, lambda_cyc=tc.lambda_cyc, lambda_per=tc.lambda_per,
           vgg=vgg)
 
-    # On a depth-sharded volume the CPU-tuned forms run the large 3D convs per shard
-    # (`conv3d.sharded_reflect_conv`).
+    # On a depth-sharded volume the 3D convs run per shard (`conv3d.sharded_reflect_conv`;
+    # with the CPU-tuned forms the large ones only).
     with conv3d.depth_sharding(mesh), conv.forms(tc.conv_forms):
       (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     lr = schedule(state["step"])

@@ -17,16 +17,21 @@ H200_MIB = 143771
 BUDGET_MB = 16.0  # between the tiny step's 32³ and 40³ plans
 
 
-def test_gpu_plan_compiles_the_3d_step_for_an_h200_and_plans_its_memory(tmp_path):
-  from tests.train_test import tiny_config
-  from seq2seq_jax import train_step as ts
+def plan_rows(*flags: str) -> list[dict]:
+  """The JSON rows that `experiments.gpu_plan` prints for the tiny 3D model on an H200, one
+  depth-split count per `--shards` entry and the 32³ volume."""
   out = subprocess.run(
       [sys.executable, "-m", "experiments.gpu_plan", f"--config={REPO / 'configs/tiny.py'}",
        *TINY_3D, "--card=h200", "--shards=1,2", "--volume=32,32,32", "--start_edge=32",
-       "--max_compiles=3", f"--mem_fraction={BUDGET_MB / H200_MIB!r}"],
-      cwd=REPO, capture_output=True, text=True)
+       *flags], cwd=REPO, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
-  rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+  return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+
+
+def test_gpu_plan_compiles_the_3d_step_for_an_h200_and_plans_its_memory():
+  from tests.train_test import tiny_config
+  from seq2seq_jax import train_step as ts
+  rows = plan_rows("--max_compiles=3", f"--mem_fraction={BUDGET_MB / H200_MIB!r}")
   plans = {(r["shards"], tuple(r["volume"])): r for r in rows if "volume" in r}
   best = {r["shards"]: r for r in rows if "largest_cube" in r}
   assert sorted(best) == [1, 2] and all(r["card"] == "NVIDIA H200" for r in rows)
@@ -64,12 +69,6 @@ def test_two_gpus_split_the_checkpointed_step():
   together (`conv.xla_conv`); left to XLA's GPU scheduler, the kernel gradients waited for the
   end of the backward pass with their halo-extended inputs alive, and 2 cards planned 82% of
   one card's temporaries at 32³ (55% with the barrier)."""
-  out = subprocess.run(
-      [sys.executable, "-m", "experiments.gpu_plan", f"--config={REPO / 'configs/tiny.py'}",
-       *TINY_3D, "--config.train.recompute_elementwise=True", "--card=h200", "--shards=1,2",
-       "--volume=32,32,32", "--start_edge=32", "--max_compiles=0"],
-      cwd=REPO, capture_output=True, text=True)
-  assert out.returncode == 0, out.stderr[-3000:]
-  temp = {r["shards"]: r["temp_mb"] for r in map(json.loads, out.stdout.splitlines())
-          if r.get("volume") == [32, 32, 32]}
+  rows = plan_rows("--config.train.recompute_elementwise=True", "--max_compiles=0")
+  temp = {r["shards"]: r["temp_mb"] for r in rows if r.get("volume") == [32, 32, 32]}
   assert temp[1] > 0 and temp[2] < 0.7 * temp[1], temp

@@ -14,7 +14,8 @@ step time). Chunking under GSPMD would gather a depth-sharded volume onto every 
 on spatially sharded steps (`depth_sharding(mesh)`) those layers run per shard instead
 (`sharded_reflect_conv`, a `shard_map`): each shard takes its neighbours' border slices
 (reflected ones at the volume's ends; a window of the gathered depth where slabs are no
-thicker than the halo) and chunks its own slab as one device would.
+thicker than the halo) and chunks its own slab as one device would. XLA's forms (`conv.forms`)
+run every reflect conv per shard that way, with XLA's conv on each slab and no chunks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 from jax import lax
@@ -72,10 +73,17 @@ def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
   return _chunked_conv(x, kernel, chunk)
 
 
-def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
-                         pad: int) -> jnp.ndarray | None:
+def sharded_reflect_conv(
+    x: jnp.ndarray, kernel: jnp.ndarray, stride: int, pad: int,
+    per_example: Callable[[jnp.ndarray, jnp.ndarray, int], jnp.ndarray] | None = None,
+) -> jnp.ndarray | None:
   """`conv.reflect_conv` per depth shard; None where it does not apply (no sharded depth, a
-  depth the shards do not divide; with the CPU-tuned forms, a layer that does not chunk).
+  depth the shards do not divide; with the CPU-tuned forms, a layer that does not chunk or
+  per-example kernels).
+
+  `per_example(x, kernels, stride)`, if given, convolves each example with its own kernel
+  (`kernel` then `[b, k, k, k, cin, cout]`, split over the `data` axis like `x`), as
+  `hyperconv.grouped_conv` does for XLA's forms.
 
   Each shard's slab gets `pad` slices from each neighbour (`ppermute`; at the volume's ends
   the reflected slices of its own), then is convolved as on one device (chunked where its
@@ -99,12 +107,14 @@ def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
   n, depth = _shards(mesh), x.shape[1]
   if conv.cpu_tuned():
     # chunk_size is None for strided layers too.
-    if chunk_size(x.shape, kernel.shape, stride, ((pad, pad),) * 3) is None or depth % n:
+    if (per_example is not None or depth % n
+        or chunk_size(x.shape, kernel.shape, stride, ((pad, pad),) * 3) is None):
       return None
-  elif not _splits_evenly(depth, n, kernel.shape[0], stride, pad):
+  elif not _splits_evenly(depth, n, kernel.shape[-3], stride, pad):
     return None
   data = int(mesh.shape.get("data", 1))
   spec = P("data" if x.shape[0] % data == 0 else None, "spatial")
+  kernel_spec = P() if per_example is None else P(spec[0])
 
   def local(xl, w):
     xl = ops.reflect_pad(xl, pad, axes=(2, 3))
@@ -113,11 +123,11 @@ def sharded_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
     elif pad:
       xl = _depth_halo(xl, pad, n)
     with depth_sharding(None):
-      return conv.conv_nd(xl, w, stride)
+      return conv.conv_nd(xl, w, stride) if per_example is None else per_example(xl, w, stride)
 
   # check_vma off: the chunk loops' carries start from zeros that are not marked as varying
   # over the mesh, which the check rejects; the kernel's gradient is still summed over shards.
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, P()), out_specs=spec,
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, kernel_spec), out_specs=spec,
                        check_vma=False)(x, kernel)
 
 

@@ -13,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from seq2seq_jax.models import ops
 from seq2seq_jax.models import conv
+from seq2seq_jax.models import conv3d
 from seq2seq_jax.models.conv import linear_init, zeros
 
 # Official init of `param`: kaiming-normal with torch's fan-in of a [out, in, *k, c_w] tensor,
@@ -106,6 +107,10 @@ class HyperConv(nn.Module):
     if s.shape[0] != x.shape[0]:
       raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
                        "give one code for the batch or one per example")
+    if not conv.cpu_tuned() and self.ndims == 3:
+      y = conv3d.sharded_reflect_conv(x, kernels, self.stride, self.pad, grouped_conv)
+      if y is not None:  # a depth-sharded volume, per shard
+        return y + biases[:, None, None, None, :]
     x = ops.reflect_pad(x, self.pad)
     if not conv.cpu_tuned():
       y = grouped_conv(x, kernels, self.stride)
