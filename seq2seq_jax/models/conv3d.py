@@ -96,9 +96,9 @@ def sharded_reflect_conv(
   conv (1-20 GFLOP/s on CPU), as chunking there would gather the volume onto every device,
   and inside brats3d's whole step at 64³ over 8 host devices that conv came out wrong
   (experiments/README.md, fifteenth session). XLA's forms: every layer whose output slabs
-  line up with its input's (`_splits_evenly`). GSPMD partitions the depth reflect pad into
-  a select whose two boolean masks per padded activation it kept from the forward pass to
-  the backward (brats3d at 128³ on 2 H200s: 114 MiB of the gradient's temporaries;
+  line up with its input's (`_splits_evenly`). Left to GSPMD, their depth reflect pads
+  became selects whose two boolean masks per padded activation were kept from the forward
+  pass to the backward (brats3d's gradient at 128³ on 2 H200s: 114 MiB of temporaries;
   experiments/README.md, nineteenth session).
   """
   mesh = _MESH.get()
