@@ -107,15 +107,15 @@ class HyperConv(nn.Module):
     if s.shape[0] != x.shape[0]:
       raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
                        "give one code for the batch or one per example")
-    if not conv.cpu_tuned() and self.ndims == 3:
-      y = conv3d.sharded_reflect_conv(x, kernels, self.stride, self.pad, grouped_conv)
-      if y is not None:  # a depth-sharded volume, per shard
-        return y + biases[:, None, None, None, :]
-    x = ops.reflect_pad(x, self.pad)
-    if not conv.cpu_tuned():
-      y = grouped_conv(x, kernels, self.stride)
-    elif conv.forward_form(x.shape, kernels.shape[1:], self.stride) == "narrow":
-      y = conv.per_example_narrow_conv(x, kernels)  # e.g. the 3-channel output conv
-    else:
-      y = per_example_conv(x, kernels, self.stride)
+    # A depth-sharded volume runs per shard where `sharded_reflect_conv` takes the layer.
+    y = (conv3d.sharded_reflect_conv(x, kernels, self.stride, self.pad, grouped_conv)
+         if x.ndim == 5 else None)
+    if y is None:
+      x = ops.reflect_pad(x, self.pad)
+      if not conv.cpu_tuned():
+        y = grouped_conv(x, kernels, self.stride)
+      elif conv.forward_form(x.shape, kernels.shape[1:], self.stride) == "narrow":
+        y = conv.per_example_narrow_conv(x, kernels)  # e.g. the 3-channel output conv
+      else:
+        y = per_example_conv(x, kernels, self.stride)
     return y + biases.reshape((biases.shape[0],) + (1,) * self.ndims + (self.features,))
