@@ -70,8 +70,8 @@ def forms(name: str) -> Iterator[None]:
     (GEMMs over row-stacked or shifted inputs, 3D convs as 2D convs of depth slices, depth
     chunks, per-shard 3D convs on depth-sharded volumes, per-example kernels as GEMMs);
   - xla: XLA's own convolutions throughout, as GPUs (cuDNN) and TPUs run them fastest: 3D
-    convs as 3D convs (partitioned by GSPMD on a depth-sharded volume), per-example kernels
-    as one grouped conv; their gradients XLA's too, the two of each conv computed together
+    convs as 3D convs (on a depth-sharded volume each run per shard with a halo exchange,
+    `conv3d.sharded_reflect_conv`), per-example kernels as one grouped conv; their gradients XLA's too, the two of each conv computed together
     (`xla_conv`);
   - auto: cpu_tuned where JAX's default backend is the CPU, xla elsewhere.
   """
