@@ -8,7 +8,7 @@ Runs on `--devices` host CPU devices (set before JAX starts). For spatial shards
 the volume's depth sharded over a `spatial` mesh axis (GSPMD: the input is sharded, XLA
 propagates the sharding through every layer and inserts the halo exchanges and the norm
 statistics' reductions; convs run per shard with an explicit halo exchange where
-`conv3d.sharded_reflect_conv` takes them: with the CPU-tuned forms the large stride-1 convs,
+`sharded_conv.sharded_reflect_conv` takes them: with the CPU-tuned forms the large stride-1 convs,
 with `--config.train.conv_forms=xla`, what accelerators run, every conv whose slabs line up). Prints one JSON line per n: per-device temp memory from XLA's
 `memory_analysis()`, the loss and output error against n = 1, and the largest cubic volume
 whose step fits `--budget_gb` per device (`experiments/fit_search.py`: memory modelled as
@@ -56,7 +56,7 @@ from seq2seq_jax import train_step as ts  # noqa: E402
 from seq2seq_jax.losses import seq2seq_objective  # noqa: E402
 from seq2seq_jax.models import total_stride  # noqa: E402
 from seq2seq_jax.models import conv  # noqa: E402
-from seq2seq_jax.models import conv3d  # noqa: E402
+from seq2seq_jax.models import sharded_conv  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config with a 3D model.", lock_config=True)
@@ -77,7 +77,7 @@ def step_fn(model, c_s, mesh=None, forms="auto"):
 
   def f(params, x):
     # As the train step: the CPU-tuned forms run large 3D convs per depth shard.
-    with conv3d.depth_sharding(mesh), conv.forms(forms):
+    with sharded_conv.spatial_sharding(mesh), conv.forms(forms):
       (loss, _), grads = jax.value_and_grad(
           lambda p: seq2seq_objective(model, {"params": p}, x, x, cs, ct),
           has_aux=True)(params)

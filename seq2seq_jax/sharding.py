@@ -88,7 +88,7 @@ def check_spatial_split(crop_size, ndims: int, stride: int, mesh: Mesh,
   Refuses XLA's conv forms (`config.train.conv_forms='xla'`) split over CPU devices.
 
   Layers whose extent the shards do not divide (or, strided, whose slabs do not line up with
-  their outputs) cannot run per shard (`conv3d.sharded_reflect_conv`) and fall back to
+  their outputs) cannot run per shard (`sharded_conv.sharded_reflect_conv`) and fall back to
   GSPMD: slower on CPU, and XLA CPU's 3D conv under GSPMD has given wrong results inside a
   whole step (experiments/README.md, fifteenth session). When XLA's forms left every layer
   to GSPMD, on CPU devices that whole step was wrong the same way: `brats3d` at 64³ over 8

@@ -20,7 +20,7 @@ from seq2seq_jax import sharding
 from seq2seq_jax.losses import seq2seq_objective
 from seq2seq_jax.models import Generator
 from seq2seq_jax.models import conv
-from seq2seq_jax.models import conv3d
+from seq2seq_jax.models import sharded_conv
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -135,9 +135,9 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
           lambda_rec=tc.lambda_rec, lambda_cyc=tc.lambda_cyc, lambda_per=tc.lambda_per,
           vgg=vgg)
 
-    # On a depth-sharded volume the 3D convs run per shard (`conv3d.sharded_reflect_conv`;
-    # with the CPU-tuned forms the large ones only).
-    with conv3d.depth_sharding(mesh), conv.forms(tc.conv_forms):
+    # On a spatially sharded array the convs run per shard (`sharded_conv.sharded_reflect_conv`;
+    # with the CPU-tuned forms the large 3D ones only).
+    with sharded_conv.spatial_sharding(mesh), conv.forms(tc.conv_forms):
       (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     lr = schedule(state["step"])
     opt_state = state["opt_state"]

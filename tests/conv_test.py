@@ -12,6 +12,7 @@ import pytest
 from seq2seq_jax import sharding
 from seq2seq_jax.models import conv
 from seq2seq_jax.models import ops
+from seq2seq_jax.models import sharded_conv
 
 # (spatial, cin, cout, k, stride, ndims): one case per branch of `kernel_grad`, the shifted-GEMM
 # forward (narrow outputs), and dims.
@@ -170,7 +171,7 @@ def test_3d_depth_chunked_conv_equals_xla(case, smallest, monkeypatch):
   assert conv3d.chunk_size(x.shape, w.shape, stride, pads) == chunk
   assert "scan" in str(jax.make_jaxpr(f)(x, w))  # the loop over chunks
   # Called directly on a depth-sharded volume (not through `reflect_conv`): XLA's 3D conv.
-  with conv3d.depth_sharding(sharding.make_mesh({"data": 1, "spatial": 2})):
+  with sharded_conv.spatial_sharding(sharding.make_mesh({"data": 1, "spatial": 2})):
     off = jax.make_jaxpr(lambda a, b: f(a, b))(x, w)  # a new function: traces are cached
     convs = [e for e in off.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     assert "scan" not in str(off) and [e.invars[0].aval.ndim for e in convs] == [5]  # XLA 3D
@@ -213,7 +214,7 @@ def test_3d_reflect_conv_per_depth_shard_equals_the_unsharded_conv(case, monkeyp
   w = jnp.asarray(rng.standard_normal((k,) * 3 + (cin, cout)) * 0.1, jnp.float32)
 
   def f(a, c):
-    with conv3d.depth_sharding(mesh):
+    with sharded_conv.spatial_sharding(mesh):
       return conv.reflect_conv(a, c, 1, pad)
   jaxpr = str(jax.make_jaxpr(f)(x, w))
   halo = "all_gather" if depth // mesh_cfg["spatial"] <= pad else "ppermute"
@@ -240,8 +241,8 @@ def test_3d_reflect_conv_falls_back_where_the_shards_do_not_divide_the_depth(mon
   mesh = sharding.make_mesh({"data": 1, "spatial": 4})
   x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 6, 6, 6, 3)), jnp.float32)
   w = jnp.asarray(np.random.default_rng(8).standard_normal((3, 3, 3, 3, 2)), jnp.float32)
-  with conv3d.depth_sharding(mesh):
-    assert conv3d.sharded_reflect_conv(x, w, 1, 1) is None
+  with sharded_conv.spatial_sharding(mesh):
+    assert sharded_conv.sharded_reflect_conv(x, w, 1, 1) is None
     y = jax.jit(lambda a, c: conv.reflect_conv(a, c, 1, 1))(x, w)
   y_ref = conv._xla_conv(ops.reflect_pad(x, 1), w, 1, ((0, 0),) * 3)
   np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
@@ -446,36 +447,41 @@ def test_conv_forms_auto_follows_the_default_backend(monkeypatch):
       pass
 
 
-# (batch, depth, cin, k, stride, mesh): halo exchange, strided (each slab a multiple of the
-# stride), slabs no thicker than the halo (the gathered window), batch on the data axis, and
-# slabs of 3 slices for a stride of 2, which do not line up with the outputs (left to GSPMD).
+# (ndims, batch, depth or height, cin, k, stride, mesh): halo exchange, strided (each slab a
+# multiple of the stride), slabs no thicker than the halo (the gathered window), batch on the
+# data axis, and slabs of 3 slices for a stride of 2, which do not line up with the outputs
+# (left to GSPMD); in 3D and, height-sharded, in 2D.
 XLA_SHARDED_CASES = [
-    (1, 8, 4, 3, 1, {"data": 1, "spatial": 4}),
-    (1, 16, 4, 3, 2, {"data": 1, "spatial": 4}),
-    (1, 8, 3, 5, 1, {"data": 1, "spatial": 4}),
-    (2, 12, 3, 3, 2, {"data": 2, "spatial": 2}),
-    (1, 12, 4, 3, 2, {"data": 1, "spatial": 4}),
+    (3, 1, 8, 4, 3, 1, {"data": 1, "spatial": 4}),
+    (3, 1, 16, 4, 3, 2, {"data": 1, "spatial": 4}),
+    (3, 1, 8, 3, 5, 1, {"data": 1, "spatial": 4}),
+    (3, 2, 12, 3, 3, 2, {"data": 2, "spatial": 2}),
+    (3, 1, 12, 4, 3, 2, {"data": 1, "spatial": 4}),
+    (2, 1, 8, 4, 3, 1, {"data": 1, "spatial": 4}),
+    (2, 1, 8, 3, 5, 1, {"data": 1, "spatial": 4}),
+    (2, 2, 12, 3, 3, 2, {"data": 2, "spatial": 2}),
+    (2, 1, 12, 4, 3, 2, {"data": 1, "spatial": 4}),
 ]
 
 
-@pytest.mark.parametrize("case", XLA_SHARDED_CASES, ids=lambda c: "x".join(map(str, c[:5])))
-def test_xla_forms_run_a_depth_sharded_conv_per_shard(case, monkeypatch):
-  """With XLA's forms every depth-sharded reflect conv whose slabs line up with its outputs
-  runs per shard (`shard_map`, one XLA conv each, no chunks), strided ones included; the
-  others are one 3D conv partitioned by GSPMD. Forward and both gradients equal the
-  unsharded conv's."""
+@pytest.mark.parametrize("case", XLA_SHARDED_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_xla_forms_run_a_spatially_sharded_conv_per_shard(case, monkeypatch):
+  """With XLA's forms every reflect conv on a depth-sharded volume (a height-sharded image
+  in 2D) whose slabs line up with its outputs runs per shard (`shard_map`, one XLA conv
+  each, no chunks), strided ones included; the others are one conv partitioned by GSPMD.
+  Forward and both gradients equal the unsharded conv's."""
   from seq2seq_jax.models import conv3d
-  b, depth, cin, k, stride, mesh_cfg = case
+  ndims, b, depth, cin, k, stride, mesh_cfg = case
   pad, n = k // 2, mesh_cfg["spatial"]
   monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)  # chunks, were the forms CPU-tuned
   monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 36)
   mesh = sharding.make_mesh(mesh_cfg)
   rng = np.random.default_rng(13)
-  x = jnp.asarray(rng.standard_normal((b, depth, 6, 6, cin)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((k,) * 3 + (cin, 5)) * 0.1, jnp.float32)
+  x = jnp.asarray(rng.standard_normal((b, depth) + (6,) * (ndims - 1) + (cin,)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k,) * ndims + (cin, 5)) * 0.1, jnp.float32)
 
   def f(a, c):
-    with conv3d.depth_sharding(mesh), conv.forms("xla"):
+    with sharded_conv.spatial_sharding(mesh), conv.forms("xla"):
       return conv.reflect_conv(a, c, stride, pad)
   jaxpr = str(jax.make_jaxpr(f)(x, w))
   per_shard = (depth // n) % stride == 0
@@ -486,29 +492,32 @@ def test_xla_forms_run_a_depth_sharded_conv_per_shard(case, monkeypatch):
   spec = P("data" if mesh_cfg["data"] > 1 else None, "spatial")
   y, vjp = jax.vjp(jax.jit(f), jax.device_put(x, NamedSharding(mesh, spec)), w)
   y_ref, vjp_ref = jax.vjp(lambda a, c: conv._xla_conv(ops.reflect_pad(a, pad), c, stride,
-                                                       ((0, 0),) * 3), x, w)
+                                                       ((0, 0),) * ndims), x, w)
   np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
   for got, want in zip(vjp(jax.device_put(dy, y.sharding)), vjp_ref(dy)):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
 
 
-@pytest.mark.parametrize("mesh_cfg", [{"data": 1, "spatial": 4}, {"data": 2, "spatial": 2}])
-def test_per_example_hyperconv_on_a_depth_sharded_volume_runs_per_shard(mesh_cfg):
-  """A 3D `HyperConv` with one code per example, XLA's forms, on a depth-sharded volume: the
-  grouped conv runs per shard (each example's kernel with its slab), strided too; output and
-  gradients (input and parameters) equal the unsharded module's."""
-  from seq2seq_jax.models import conv3d, hyperconv
+@pytest.mark.parametrize("ndims,mesh_cfg", [(3, {"data": 1, "spatial": 4}),
+                                           (3, {"data": 2, "spatial": 2}),
+                                           (2, {"data": 2, "spatial": 2})])
+def test_per_example_hyperconv_on_a_sharded_volume_runs_per_shard(ndims, mesh_cfg):
+  """A `HyperConv` with one code per example, XLA's forms, on a depth-sharded volume (a
+  height-sharded image in 2D): the grouped conv runs per shard (each example's kernel with
+  its slab), strided too; output and gradients (input and parameters) equal the unsharded
+  module's."""
+  from seq2seq_jax.models import hyperconv
   mesh = sharding.make_mesh(mesh_cfg)
   rng = np.random.default_rng(14)
-  x = jnp.asarray(rng.standard_normal((2, 8, 6, 6, 3)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 8) + (6,) * (ndims - 1) + (3,)), jnp.float32)
   s = jnp.asarray(rng.standard_normal((2, 4)), jnp.float32)
   for stride in (1, 2):
-    m = hyperconv.HyperConv(5, 3, c_w=2, pad=1, stride=stride, ndims=3)
+    m = hyperconv.HyperConv(5, 3, c_w=2, pad=1, stride=stride, ndims=ndims)
     params = m.init(jax.random.PRNGKey(0), x, s)
 
     def loss(p, a, mesh=None, m=m):
-      with conv3d.depth_sharding(mesh), conv.forms("xla"):
+      with sharded_conv.spatial_sharding(mesh), conv.forms("xla"):
         y = m.apply(p, a, s)
       return jnp.sum(y * jnp.cos(y)), y
     f = lambda p, a: jax.value_and_grad(loss, (0, 1), has_aux=True)(p, a, mesh)

@@ -58,7 +58,7 @@ def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
   from seq2seq_jax import sharding
   from seq2seq_jax import train_step as ts
   from seq2seq_jax.losses import seq2seq_objective
-  from seq2seq_jax.models import conv3d
+  from seq2seq_jax.models import conv3d, sharded_conv
 
   monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
   monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 1)
@@ -76,7 +76,7 @@ def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
     # experiments.spatial_scaling.step_fn's body: that module defines absl flags (--config)
     # at import, as experiments.benchmark does, and both cannot load in one pytest process.
     def f(p, a, mesh=mesh):
-      with conv3d.depth_sharding(mesh):
+      with sharded_conv.spatial_sharding(mesh):
         (loss, _), g = jax.value_and_grad(
             lambda q: seq2seq_objective(model, {"params": q}, a, a, cs, ct), has_aux=True)(p)
         return loss, g, model.apply({"params": p}, a, ct, n_outseq=1)

@@ -70,9 +70,9 @@ def forms(name: str) -> Iterator[None]:
     (GEMMs over row-stacked or shifted inputs, 3D convs as 2D convs of depth slices, depth
     chunks, per-shard 3D convs on depth-sharded volumes, per-example kernels as GEMMs);
   - xla: XLA's own convolutions throughout, as GPUs (cuDNN) and TPUs run them fastest: 3D
-    convs as 3D convs (on a depth-sharded volume each run per shard with a halo exchange,
-    `conv3d.sharded_reflect_conv`), per-example kernels as one grouped conv; their gradients XLA's too, the two of each conv computed together
-    (`xla_conv`);
+    convs as 3D convs, per-example kernels as one grouped conv, on a spatially sharded
+    array each run per shard with a halo exchange (`sharded_conv.sharded_reflect_conv`);
+    their gradients XLA's too, the two of each conv computed together (`xla_conv`);
   - auto: cpu_tuned where JAX's default backend is the CPU, xla elsewhere.
   """
   check_forms(name)
@@ -201,13 +201,12 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
 
 def reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, pad: int) -> jnp.ndarray:
   """`conv_nd` of `x` reflect-padded by `pad` on every spatial axis (the official
-  `padding_mode='reflect'`); per shard where a 3D volume's depth is sharded
-  (`conv3d.sharded_reflect_conv` says which layers)."""
-  if x.ndim == 5:
-    from seq2seq_jax.models import conv3d
-    y = conv3d.sharded_reflect_conv(x, kernel, stride, pad)
-    if y is not None:
-      return y
+  `padding_mode='reflect'`); per shard where the first spatial axis is sharded
+  (`sharded_conv.sharded_reflect_conv` says which layers)."""
+  from seq2seq_jax.models import sharded_conv  # builds on this module's convs
+  y = sharded_conv.sharded_reflect_conv(x, kernel, stride, pad)
+  if y is not None:
+    return y
   return conv_nd(ops.reflect_pad(x, pad), kernel, stride)
 
 

@@ -11,29 +11,21 @@ Large stride-1 layers (the decoder's at full resolution) run in chunks of output
 loop (`conv.map_concat`), with a custom VJP that loops over the same chunks, so a chunk's
 stacked inputs and GEMM columns stay small (brats3d: XLA temporaries 2.19 → 1.14 GB at the same
 step time). Chunking under GSPMD would gather a depth-sharded volume onto every device, so
-on spatially sharded steps (`depth_sharding(mesh)`) those layers run per shard instead
-(`sharded_reflect_conv`, a `shard_map`): each shard takes its neighbours' border slices
-(reflected ones at the volume's ends; a window of the gathered depth where slabs are no
-thicker than the halo) and chunks its own slab as one device would. XLA's forms (`conv.forms`)
-run every reflect conv per shard that way, with XLA's conv on each slab and no chunks.
+on spatially sharded steps those layers run per shard instead
+(`sharded_conv.sharded_reflect_conv`), each shard chunking its own slab as one device would.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
 
 from seq2seq_jax.models import conv
-from seq2seq_jax.models import ops
-
-_MESH = contextvars.ContextVar("seq2seq_jax_depth_mesh", default=None)
+from seq2seq_jax.models import sharded_conv
 
 # Chunk when a layer's stacked inputs exceed this (the 32→16 decoder conv at 64³: 107 MB).
 STACK_BYTES_TO_CHUNK = 16 << 20
@@ -42,154 +34,20 @@ STACK_BYTES_TO_CHUNK = 16 << 20
 MIN_CHUNK_ROWS = 1 << 14
 
 
-@contextlib.contextmanager
-def depth_sharding(mesh: Mesh | None) -> Iterator[None]:
-  """Convs traced inside see volumes whose depth `mesh`'s `spatial` axis shards (None or a
-  one-shard axis: not sharded). Set by the train step around the model."""
-  token = _MESH.set(mesh if mesh is not None and _shards(mesh) > 1 else None)
-  try:
-    yield
-  finally:
-    _MESH.reset(token)
-
-
-def _shards(mesh: Mesh) -> int:
-  return int(mesh.shape.get("spatial", 1))
-
-
 def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
            pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
   """`conv.conv_nd` for `x` `[b, d, h, w, cin]`, `kernel` `[k, k, k, cin, cout]`, zero pads."""
   chunk = chunk_size(x.shape, kernel.shape, stride, pads)
-  sharded = _MESH.get() is not None
+  sharded = sharded_conv.spatial_mesh() is not None
   if chunk is None or not sharded and not conv.loops_enabled():
     return depth_folded_conv(x, kernel, stride, pads)
   if sharded:
     # A layer that one device chunks, on a depth-sharded volume but not through
-    # `sharded_reflect_conv`: unchunked, its stacked slices and GEMM columns would be
+    # `sharded_conv.sharded_reflect_conv`: unchunked, its stacked slices and GEMM columns would be
     # whole-volume temporaries; XLA's own conv is slower but needs none.
     return conv._xla_conv(x, kernel, stride, pads)
   x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
   return _chunked_conv(x, kernel, chunk)
-
-
-def sharded_reflect_conv(
-    x: jnp.ndarray, kernel: jnp.ndarray, stride: int, pad: int,
-    per_example: Callable[[jnp.ndarray, jnp.ndarray, int], jnp.ndarray] | None = None,
-) -> jnp.ndarray | None:
-  """`conv.reflect_conv` per depth shard; None where it does not apply (no sharded depth, a
-  depth the shards do not divide; with the CPU-tuned forms, a layer that does not chunk or
-  per-example kernels).
-
-  `per_example(x, kernels, stride)`, if given, convolves each example with its own kernel
-  (`kernel` then `[b, k, k, k, cin, cout]`, split over the `data` axis like `x`), as
-  `hyperconv.grouped_conv` does for XLA's forms.
-
-  Each shard's slab gets `pad` slices from each neighbour (`ppermute`; at the volume's ends
-  the reflected slices of its own), then is convolved as on one device (chunked where its
-  own stacked inputs are large). Slabs of `pad` slices or fewer cannot serve their
-  neighbours' halos (nor reflect the volume's ends) alone: there every shard gathers the
-  whole depth and slices out its window (`_gathered_window`); such volumes are at most
-  `pad` × shards slices deep.
-
-  CPU-tuned forms: only the layers one device chunks. Under GSPMD alone these were XLA's 3D
-  conv (1-20 GFLOP/s on CPU), as chunking there would gather the volume onto every device,
-  and inside brats3d's whole step at 64³ over 8 host devices that conv came out wrong
-  (experiments/README.md, fifteenth session). XLA's forms: every layer whose output slabs
-  line up with its input's (`_splits_evenly`). Left to GSPMD, their depth reflect pads
-  became selects whose two boolean masks per padded activation were kept from the forward
-  pass to the backward (brats3d's gradient at 128³ on 2 H200s: 114 MiB of temporaries;
-  experiments/README.md, nineteenth session).
-  """
-  mesh = _MESH.get()
-  if mesh is None:
-    return None
-  n, depth = _shards(mesh), x.shape[1]
-  if conv.cpu_tuned():
-    # chunk_size is None for strided layers too.
-    if (per_example is not None or depth % n
-        or chunk_size(x.shape, kernel.shape, stride, ((pad, pad),) * 3) is None):
-      return None
-  elif not _splits_evenly(depth, n, kernel.shape[-3], stride, pad):
-    return None
-  data = int(mesh.shape.get("data", 1))
-  spec = P("data" if x.shape[0] % data == 0 else None, "spatial")
-  kernel_spec = P() if per_example is None else P(spec[0])
-
-  def local(xl, w):
-    xl = ops.reflect_pad(xl, pad, axes=(2, 3))
-    if depth // n <= pad:
-      xl = _gathered_window(xl, pad)
-    elif pad:
-      xl = _depth_halo(xl, pad, n)
-    with depth_sharding(None):
-      return conv.conv_nd(xl, w, stride) if per_example is None else per_example(xl, w, stride)
-
-  # check_vma off: the chunk loops' carries start from zeros that are not marked as varying
-  # over the mesh, which the check rejects; the kernel's gradient is still summed over shards.
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, kernel_spec), out_specs=spec,
-                       check_vma=False)(x, kernel)
-
-
-def _splits_evenly(depth: int, n: int, k: int, stride: int, pad: int) -> bool:
-  """Whether a conv of `depth` slices reflect-padded by `pad` splits into `n` depth shards
-  that each convolve their own slab and its halos: slabs a multiple of the stride (so that
-  each shard's first output starts at its first slice) and as many outputs per shard as
-  the whole volume has over `n`."""
-  slab = depth // n
-  return (depth % n == 0 and slab % stride == 0
-          and n * ((slab + 2 * pad - k) // stride + 1) == (depth + 2 * pad - k) // stride + 1)
-
-
-def _gathered_window(xl: jnp.ndarray, pad: int) -> jnp.ndarray:
-  """This shard's slab `[b, d, ...]` with `pad` slices either side, cut from the whole
-  reflect-padded depth gathered onto every shard (for slabs of `pad` slices or fewer, whose
-  halos span several neighbours). The gradient goes back through `all_gather`'s transpose,
-  a reduce-scatter."""
-  d = xl.shape[1]
-  whole = ops.reflect_pad(lax.all_gather(xl, "spatial", axis=1, tiled=True), pad, axes=(1,))
-  return lax.dynamic_slice_in_dim(whole, lax.axis_index("spatial") * d, d + 2 * pad, axis=1)
-
-
-def _halo_slices(xl: jnp.ndarray, pad: int, n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """The `pad` slices before and after this shard's slab: its neighbours' border slices,
-  or at the volume's ends its own, reflected."""
-  i, d = lax.axis_index("spatial"), xl.shape[1]
-  from_prev = lax.ppermute(xl[:, d - pad:], "spatial", [(j, j + 1) for j in range(n - 1)])
-  from_next = lax.ppermute(xl[:, :pad], "spatial", [(j + 1, j) for j in range(n - 1)])
-  lo = jnp.where(i == 0, jnp.flip(xl[:, 1:pad + 1], 1), from_prev)
-  hi = jnp.where(i == n - 1, jnp.flip(xl[:, d - 1 - pad:d - 1], 1), from_next)
-  return lo, hi
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _depth_halo(xl: jnp.ndarray, pad: int, n: int) -> jnp.ndarray:
-  """This shard's slab `[b, d, ...]` with `_halo_slices` around it: `[b, d + 2·pad, ...]`."""
-  lo, hi = _halo_slices(xl, pad, n)
-  return jnp.concatenate([lo, xl, hi], axis=1)
-
-
-def _depth_halo_fwd(xl, pad, n):
-  return _depth_halo(xl, pad, n), None
-
-
-def _depth_halo_bwd(pad, n, _, dy):
-  # Each halo's gradient goes back to the slices it copied, added in place. Autodiff
-  # zero-padded every border slice's gradient to the whole slab, four slab-sized buffers
-  # (brats3d's decoder conv at 64³ on 2 shards: 4 × 17 MB at the step's peak).
-  i, d = lax.axis_index("spatial"), dy.shape[1] - 2 * pad
-  g_lo, g_hi = dy[:, :pad], dy[:, pad + d:]
-  zero = jnp.zeros((), dy.dtype)
-  dx = dy[:, pad:pad + d]
-  dx = dx.at[:, d - pad:].add(
-      lax.ppermute(g_lo, "spatial", [(j + 1, j) for j in range(n - 1)]))
-  dx = dx.at[:, :pad].add(lax.ppermute(g_hi, "spatial", [(j, j + 1) for j in range(n - 1)]))
-  dx = dx.at[:, 1:pad + 1].add(jnp.where(i == 0, jnp.flip(g_lo, 1), zero))
-  dx = dx.at[:, d - 1 - pad:d - 1].add(jnp.where(i == n - 1, jnp.flip(g_hi, 1), zero))
-  return (dx,)
-
-
-_depth_halo.defvjp(_depth_halo_fwd, _depth_halo_bwd)
 
 
 def chunk_size(x_shape, kernel_shape, stride: int,

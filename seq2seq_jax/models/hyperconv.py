@@ -13,7 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from seq2seq_jax.models import ops
 from seq2seq_jax.models import conv
-from seq2seq_jax.models import conv3d
+from seq2seq_jax.models import sharded_conv
 from seq2seq_jax.models.conv import linear_init, zeros
 
 # Official init of `param`: kaiming-normal with torch's fan-in of a [out, in, *k, c_w] tensor,
@@ -107,9 +107,8 @@ class HyperConv(nn.Module):
     if s.shape[0] != x.shape[0]:
       raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
                        "give one code for the batch or one per example")
-    # A depth-sharded volume runs per shard where `sharded_reflect_conv` takes the layer.
-    y = (conv3d.sharded_reflect_conv(x, kernels, self.stride, self.pad, grouped_conv)
-         if x.ndim == 5 else None)
+    # A spatially sharded array runs per shard where `sharded_reflect_conv` takes the layer.
+    y = sharded_conv.sharded_reflect_conv(x, kernels, self.stride, self.pad, grouped_conv)
     if y is None:
       x = ops.reflect_pad(x, self.pad)
       if not conv.cpu_tuned():

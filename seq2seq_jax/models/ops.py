@@ -22,7 +22,7 @@ def reflect_pad(x: jnp.ndarray, pad: int, axes: tuple[int, ...] | None = None) -
   """Reflect-pads every spatial axis by `pad` (torch ReflectionPad / padding_mode='reflect').
 
   `axes` picks some spatial axes only (a depth-sharded conv pads depth from its neighbours'
-  slices, `conv3d.sharded_reflect_conv`).
+  slices, `sharded_conv.sharded_reflect_conv`).
   """
   axes = tuple(range(1, x.ndim - 1)) if axes is None else tuple(axes)
   if pad == 0 or not axes:
