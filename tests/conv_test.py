@@ -499,14 +499,57 @@ def test_xla_forms_run_a_spatially_sharded_conv_per_shard(case, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
 
 
-@pytest.mark.parametrize("ndims,mesh_cfg", [(3, {"data": 1, "spatial": 4}),
-                                           (3, {"data": 2, "spatial": 2}),
-                                           (2, {"data": 2, "spatial": 2})])
-def test_per_example_hyperconv_on_a_sharded_volume_runs_per_shard(ndims, mesh_cfg):
-  """A `HyperConv` with one code per example, XLA's forms, on a depth-sharded volume (a
-  height-sharded image in 2D): the grouped conv runs per shard (each example's kernel with
-  its slab), strided too; output and gradients (input and parameters) equal the unsharded
-  module's."""
+# (batch, height, cin, cout, k, stride, mesh) of 2D convs in the CPU-tuned forms: row-stacked
+# in row tiles (a loop inside each shard), narrow (shifted GEMM), strided (XLA's conv), and
+# rows no more than the halo (the gathered window).
+CPU_2D_SHARDED_CASES = [
+    (1, 16, 8, 8, 3, 1, {"data": 1, "spatial": 2}),
+    (2, 12, 16, 2, 3, 1, {"data": 2, "spatial": 2}),
+    (1, 16, 4, 6, 3, 2, {"data": 1, "spatial": 4}),
+    (1, 8, 4, 6, 5, 1, {"data": 1, "spatial": 4}),
+]
+
+
+@pytest.mark.parametrize("case", CPU_2D_SHARDED_CASES, ids=lambda c: "x".join(map(str, c[:6])))
+def test_cpu_tuned_forms_run_a_height_sharded_2d_conv_per_shard(case, monkeypatch):
+  """With the CPU-tuned forms a 2D reflect conv on a height-sharded image runs per shard
+  (`shard_map`, the form one device would pick, on each shard's rows and halo); forward and
+  both gradients equal the unsharded conv's."""
+  b, h, cin, cout, k, stride, mesh_cfg = case
+  pad = k // 2
+  monkeypatch.setattr(conv, "MIN_ROWS_MACS", 0)  # the row-stacked forward on small layers too
+  monkeypatch.setattr(conv, "ROWS_TILE_BYTES", 1)  # one row per tile: a loop
+  mesh = sharding.make_mesh(mesh_cfg)
+  rng = np.random.default_rng(15)
+  x = jnp.asarray(rng.standard_normal((b, h, 10, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.1, jnp.float32)
+
+  def f(a, c):
+    with sharded_conv.spatial_sharding(mesh), conv.forms("cpu_tuned"):
+      return conv.reflect_conv(a, c, stride, pad)
+  jaxpr = str(jax.make_jaxpr(f)(x, w))
+  assert "shard_map" in jaxpr
+  assert ("all_gather" if h // mesh_cfg["spatial"] <= pad else "ppermute") in jaxpr
+  spec = P("data" if mesh_cfg["data"] > 1 else None, "spatial")
+  y, vjp = jax.vjp(jax.jit(f), jax.device_put(x, NamedSharding(mesh, spec)), w)
+  y_ref, vjp_ref = jax.vjp(lambda a, c: conv._xla_conv(ops.reflect_pad(a, pad), c, stride,
+                                                       ((0, 0),) * 2), x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  for got, want in zip(vjp(jax.device_put(dy, y.sharding)), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("ndims,mesh_cfg,forms", [(3, {"data": 1, "spatial": 4}, "xla"),
+                                                 (3, {"data": 2, "spatial": 2}, "xla"),
+                                                 (2, {"data": 2, "spatial": 2}, "xla"),
+                                                 (2, {"data": 2, "spatial": 2}, "cpu_tuned"),
+                                                 (2, {"data": 1, "spatial": 4}, "cpu_tuned")])
+def test_per_example_hyperconv_on_a_sharded_volume_runs_per_shard(ndims, mesh_cfg, forms):
+  """A `HyperConv` with one code per example on a depth-sharded volume (a height-sharded
+  image in 2D), XLA's forms (and the CPU-tuned ones in 2D): the per-example conv runs per
+  shard (each example's kernel with its slab), strided too; output and gradients (input and
+  parameters) equal the unsharded module's."""
   from seq2seq_jax.models import hyperconv
   mesh = sharding.make_mesh(mesh_cfg)
   rng = np.random.default_rng(14)
@@ -517,7 +560,7 @@ def test_per_example_hyperconv_on_a_sharded_volume_runs_per_shard(ndims, mesh_cf
     params = m.init(jax.random.PRNGKey(0), x, s)
 
     def loss(p, a, mesh=None, m=m):
-      with sharded_conv.spatial_sharding(mesh), conv.forms("xla"):
+      with sharded_conv.spatial_sharding(mesh), conv.forms(forms):
         y = m.apply(p, a, s)
       return jnp.sum(y * jnp.cos(y)), y
     f = lambda p, a: jax.value_and_grad(loss, (0, 1), has_aux=True)(p, a, mesh)

@@ -50,6 +50,17 @@ def grouped_conv(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.n
   return jax.vmap(lambda xi, wi: conv.xla_conv(xi[None], wi, stride, valid)[0])(x, kernels)
 
 
+def per_example(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.ndarray:
+  """VALID conv of example i with its own kernel i, in the forms traced here (`conv.forms`):
+  `grouped_conv` for XLA's; on CPU `conv.per_example_narrow_conv` for narrow outputs (e.g.
+  the 3-channel output conv), else `per_example_conv`."""
+  if not conv.cpu_tuned():
+    return grouped_conv(x, kernels, stride)
+  if conv.forward_form(x.shape, kernels.shape[1:], stride) == "narrow":
+    return conv.per_example_narrow_conv(x, kernels)
+  return per_example_conv(x, kernels, stride)
+
+
 class HyperConv(nn.Module):
   """Conv whose kernel = param · fc(s) and bias = b · fc_bias(s).
 
@@ -108,13 +119,7 @@ class HyperConv(nn.Module):
       raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
                        "give one code for the batch or one per example")
     # A spatially sharded array runs per shard where `sharded_reflect_conv` takes the layer.
-    y = sharded_conv.sharded_reflect_conv(x, kernels, self.stride, self.pad, grouped_conv)
+    y = sharded_conv.sharded_reflect_conv(x, kernels, self.stride, self.pad, per_example)
     if y is None:
-      x = ops.reflect_pad(x, self.pad)
-      if not conv.cpu_tuned():
-        y = grouped_conv(x, kernels, self.stride)
-      elif conv.forward_form(x.shape, kernels.shape[1:], self.stride) == "narrow":
-        y = conv.per_example_narrow_conv(x, kernels)  # e.g. the 3-channel output conv
-      else:
-        y = per_example_conv(x, kernels, self.stride)
+      y = per_example(ops.reflect_pad(x, self.pad), kernels, self.stride)
     return y + biases.reshape((biases.shape[0],) + (1,) * self.ndims + (self.features,))

@@ -1,13 +1,15 @@
 """Reflect-padded convolutions per spatial shard, with an explicit halo exchange.
 
 The `spatial` mesh axis splits an image's first spatial axis: a 3D volume's depth, a 2D
-image's height (`sharding.batch_spec`). Left to GSPMD, a conv on such an array is partitioned
-by XLA, which pads the split axis by masks: GSPMD turns a reflect pad of the split axis into
-a select whose two boolean masks per padded activation were kept from the forward pass to
-the backward (brats3d's gradient at 128³ on 2 H200s: 114 MiB of temporaries), and chunked
-loops over depth (`conv3d`) would gather the whole volume onto every device. Here each shard
-takes its neighbours' border slices instead (`ppermute`; at the array's ends the reflected
-slices of its own) and convolves its own slab as one device would (`sharded_reflect_conv`).
+image's height (`sharding.batch_spec`). Left to GSPMD, a conv on such an array is
+partitioned by XLA: a reflect pad of the split axis becomes a select whose two boolean masks
+per padded activation were kept from the forward pass to the backward (brats3d's gradient at
+128³ on 2 H200s: 114 MiB of temporaries); the CPU-tuned forms' loops over depth chunks
+(`conv3d`) would gather the whole volume onto every device, and their 2D forms came out
+larger and slower than per shard (the toy model at 256² on 2 host devices: 680 against 463
+MB per device). Here each shard takes its neighbours' border slices instead (`ppermute`; at the
+array's ends the reflected slices of its own) and convolves its own slab as one device would
+(`sharded_reflect_conv`).
 
 The train step sets the mesh around the model (`spatial_sharding`); convs traced inside read
 it at trace time.
@@ -63,7 +65,7 @@ def sharded_reflect_conv(
   `x` is `[b, d, ...spatial, c]` with `d` (depth, or height in 2D) split over `spatial`.
   `per_example(x, kernels, stride)`, if given, convolves each example with its own kernel
   (`kernel` then `[b, *k, cin, cout]`, split over the `data` axis like `x`), as
-  `hyperconv.grouped_conv` does for XLA's forms.
+  `hyperconv.per_example` does.
 
   Each shard reflect-pads its other spatial axes, gets `pad` slices from each neighbour
   (`ppermute`; at the ends the reflected slices of its own), then is convolved as on one
@@ -72,22 +74,24 @@ def sharded_reflect_conv(
   gathers the whole axis and slices out its window (`_gathered_window`); such arrays are at
   most `pad` × shards slices deep.
 
-  CPU-tuned forms: only the 3D layers one device chunks (`conv3d.chunk_size`). Under GSPMD
-  alone these were XLA's 3D conv (1-20 GFLOP/s on CPU), as chunking there would gather the
-  volume onto every device, and inside brats3d's whole step at 64³ over 8 host devices that
-  conv came out wrong (experiments/README.md, fifteenth session). XLA's forms: every layer,
-  2D or 3D, whose output slabs line up with its input's (`_splits_evenly`), which removes
-  GSPMD's reflect-pad masks (module docstring; experiments/README.md, nineteenth and
-  twentieth sessions).
+  Which layers: every one whose output slabs line up with its input's (`_splits_evenly`),
+  except in 3D with the CPU-tuned forms, where only the layers one device chunks
+  (`conv3d.chunk_size`) do. Under GSPMD alone those were XLA's 3D conv (1-20 GFLOP/s on
+  CPU), as chunking there would gather the volume onto every device, and inside brats3d's
+  whole step at 64³ over 8 host devices that conv came out wrong (experiments/README.md,
+  fifteenth session). XLA's forms lose GSPMD's reflect-pad masks this way (module
+  docstring); a 2D model's CPU-tuned forms, GSPMD's gathers of the row tiles (the toy model
+  at 256² on 2 host devices: 680 → 463 MB per device, 5.4 → 2.6 s a step;
+  experiments/README.md, twentieth session).
   """
   mesh = _MESH.get()
   if mesh is None:
     return None
   n, depth = _shards(mesh), x.shape[1]
-  if conv.cpu_tuned():
+  if conv.cpu_tuned() and x.ndim == 5:
     from seq2seq_jax.models import conv3d  # conv3d builds on this module's mesh
     # chunk_size is None for strided layers too.
-    if (x.ndim != 5 or per_example is not None or depth % n
+    if (per_example is not None or depth % n
         or conv3d.chunk_size(x.shape, kernel.shape, stride, ((pad, pad),) * 3) is None):
       return None
   elif not _splits_evenly(depth, n, kernel.shape[-3], stride, pad):
