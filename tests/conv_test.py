@@ -197,6 +197,23 @@ SHARDED_CASES = [
 ]
 
 
+def _check_sharded_reflect_conv(f, x, w, mesh, mesh_cfg, stride, pad, rng):
+  """`f(x, w)` with `x` split over `mesh` (batch on `data` where that axis is used, the first
+  spatial axis on `spatial`): output and both gradients equal XLA's conv of the unsharded
+  input reflect-padded by `jnp.pad`, to 1e-5 of each one's largest magnitude. Returns the
+  output."""
+  spec = P("data" if mesh_cfg["data"] > 1 else None, "spatial")
+  y, vjp = jax.vjp(jax.jit(f), jax.device_put(x, NamedSharding(mesh, spec)), w)
+  pads = ((0, 0),) + ((pad, pad),) * (x.ndim - 2) + ((0, 0),)
+  y_ref, vjp_ref = jax.vjp(lambda a, c: conv._xla_conv(
+      jnp.pad(a, pads, mode="reflect"), c, stride, ((0, 0),) * (x.ndim - 2)), x, w)
+  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  for got, want in zip(vjp(jax.device_put(dy, y.sharding)), vjp_ref(dy)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+  return y
+
+
 @pytest.mark.parametrize("case", SHARDED_CASES, ids=lambda c: "x".join(map(str, c[:6])))
 def test_3d_reflect_conv_per_depth_shard_equals_the_unsharded_conv(case, monkeypatch):
   """`reflect_conv` on a depth-sharded volume (per-shard halo exchange or, for slabs no
@@ -220,17 +237,9 @@ def test_3d_reflect_conv_per_depth_shard_equals_the_unsharded_conv(case, monkeyp
   halo = "all_gather" if depth // mesh_cfg["spatial"] <= pad else "ppermute"
   assert "shard_map" in jaxpr and halo in jaxpr
   assert ("scan" in jaxpr) == (depth // mesh_cfg["spatial"] > 1)  # one-slice chunks
-  spec = P("data" if mesh_cfg["data"] > 1 else None, "spatial")
-  xs = jax.device_put(x, NamedSharding(mesh, spec))
-  y, vjp = jax.vjp(jax.jit(f), xs, w)
-  assert y.sharding.spec[:2] == spec[:2], y.sharding
-  ref = lambda a, c: conv._xla_conv(jnp.pad(a, ((0, 0),) + ((pad, pad),) * 3 + ((0, 0),),
-                                            mode="reflect"), c, 1, ((0, 0),) * 3)
-  y_ref, vjp_ref = jax.vjp(ref, x, w)
-  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
-  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  for got, want in zip(vjp(jax.device_put(dy, y.sharding)), vjp_ref(dy)):
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+  y = _check_sharded_reflect_conv(f, x, w, mesh, mesh_cfg, 1, pad, rng)
+  data = "data" if mesh_cfg["data"] > 1 else None
+  assert y.sharding.spec[:2] == (data, "spatial"), y.sharding
 
 
 def test_3d_reflect_conv_falls_back_where_the_shards_do_not_divide_the_depth(monkeypatch):
@@ -489,14 +498,7 @@ def test_xla_forms_run_a_spatially_sharded_conv_per_shard(case, monkeypatch):
   if per_shard:
     assert ("all_gather" if depth // n <= pad else "ppermute") in jaxpr
   assert jaxpr.count("conv_general_dilated") == 1
-  spec = P("data" if mesh_cfg["data"] > 1 else None, "spatial")
-  y, vjp = jax.vjp(jax.jit(f), jax.device_put(x, NamedSharding(mesh, spec)), w)
-  y_ref, vjp_ref = jax.vjp(lambda a, c: conv._xla_conv(ops.reflect_pad(a, pad), c, stride,
-                                                       ((0, 0),) * ndims), x, w)
-  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
-  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  for got, want in zip(vjp(jax.device_put(dy, y.sharding)), vjp_ref(dy)):
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+  _check_sharded_reflect_conv(f, x, w, mesh, mesh_cfg, stride, pad, rng)
 
 
 # (batch, height, cin, cout, k, stride, mesh) of 2D convs in the CPU-tuned forms: row-stacked
@@ -530,14 +532,7 @@ def test_cpu_tuned_forms_run_a_height_sharded_2d_conv_per_shard(case, monkeypatc
   jaxpr = str(jax.make_jaxpr(f)(x, w))
   assert "shard_map" in jaxpr
   assert ("all_gather" if h // mesh_cfg["spatial"] <= pad else "ppermute") in jaxpr
-  spec = P("data" if mesh_cfg["data"] > 1 else None, "spatial")
-  y, vjp = jax.vjp(jax.jit(f), jax.device_put(x, NamedSharding(mesh, spec)), w)
-  y_ref, vjp_ref = jax.vjp(lambda a, c: conv._xla_conv(ops.reflect_pad(a, pad), c, stride,
-                                                       ((0, 0),) * 2), x, w)
-  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
-  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  for got, want in zip(vjp(jax.device_put(dy, y.sharding)), vjp_ref(dy)):
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+  _check_sharded_reflect_conv(f, x, w, mesh, mesh_cfg, stride, pad, rng)
 
 
 @pytest.mark.parametrize("ndims,mesh_cfg,forms", [(3, {"data": 1, "spatial": 4}, "xla"),

@@ -47,29 +47,18 @@ def test_spatial_sharding_matches_one_device_and_divides_memory(tmp_path):
     assert r["temp_mb"] <= 1.5 * base / r["spatial_shards"], (r, base)
 
 
-def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
-  """The official objective's value, output and gradient with every stride-1 3D conv counted
-  as large, so that on a depth-sharded volume each runs per shard (halo exchange, reflected
-  ends, one-slice chunks; the latent layers, one slice per shard, a window of the gathered
-  depth): equal to one device's up to float32 rounding."""
+def _four_shards_match_one_device(model, x, cs, ct, forms):
+  """The official objective's value, its gradient and the model's output with `x`'s first
+  spatial axis split over 4 devices equal one device's up to float32 rounding; returns the
+  sharded step's jaxpr (one device's has no `shard_map`)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from configs.base import base_config
   from seq2seq_jax import sharding
-  from seq2seq_jax import train_step as ts
   from seq2seq_jax.losses import seq2seq_objective
-  from seq2seq_jax.models import conv3d, sharded_conv
+  from seq2seq_jax.models import conv, sharded_conv
 
-  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
-  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 1)
-  c = base_config(ndims=3, c_s=4, c_w=2, c_in=1, c_enc=[4, 8, 8], k_enc=[3, 3, 3],
-                  s_enc=[1, 2, 2], nres_enc=1, norm="InstanceNorm", c_lstm=8,
-                  c_dec=[8, 4, 1], k_dec=[3, 3, 5], s_dec=[1, 1, 1], nres_dec=1)
-  model = ts.make_model(c)
-  cs, ct = jnp.eye(4)[:1], jnp.eye(4)[1:2]
-  x = np.random.default_rng(0).uniform(-1, 1, (1, 1, 16, 12, 12, 1)).astype(np.float32)
   params = model.init(jax.random.PRNGKey(0), jnp.asarray(x), cs)["params"]
   results, jaxprs = [], []
   for n in (1, 4):
@@ -77,51 +66,6 @@ def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
 
     # experiments.spatial_scaling.step_fn's body: that module defines absl flags (--config)
     # at import, as experiments.benchmark does, and both cannot load in one pytest process.
-    def f(p, a, mesh=mesh):
-      with sharded_conv.spatial_sharding(mesh):
-        (loss, _), g = jax.value_and_grad(
-            lambda q: seq2seq_objective(model, {"params": q}, a, a, cs, ct), has_aux=True)(p)
-        return loss, g, model.apply({"params": p}, a, ct, n_outseq=1)
-    xs = jax.device_put(x, NamedSharding(mesh, P(None, None, "spatial")))
-    jaxprs.append(str(jax.make_jaxpr(f)(params, xs)))
-    loss, g, out = jax.jit(f)(params, xs)
-    results.append((float(loss), np.asarray(out),
-                    np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g)])))
-  assert "shard_map" not in jaxprs[0] and jaxprs[1].count("shard_map") >= 4
-  assert "ppermute" in jaxprs[1] and "all_gather" in jaxprs[1]
-  (l1, o1, g1), (l4, o4, g4) = results
-  assert abs(l4 - l1) <= 1e-5 * abs(l1)
-  np.testing.assert_allclose(o4, o1, rtol=0, atol=1e-5)
-  assert np.linalg.norm(g4 - g1) <= 1e-4 * np.linalg.norm(g1)
-
-
-@pytest.mark.parametrize("forms", ["cpu_tuned", "xla"])
-def test_a_height_sharded_2d_step_matches_one_device(forms):
-  """A 2.5D model's objective, output and gradient on images whose height is split over 4
-  devices, one code per example: its reflect convs and hyperconvs run per shard (halo
-  exchange, reflected ends; at the latent's one row per shard a window of the gathered
-  height), equal to one device's up to float32 rounding, in both conv forms."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from configs.base import base_config
-  from seq2seq_jax import sharding
-  from seq2seq_jax import train_step as ts
-  from seq2seq_jax.losses import seq2seq_objective
-  from seq2seq_jax.models import conv, sharded_conv
-
-  c = base_config(ndims=2, c_s=4, c_w=2, c_in=3, c_enc=[4, 8, 8], k_enc=[7, 3, 3],
-                  s_enc=[1, 2, 2], nres_enc=1, norm="InstanceNorm", c_lstm=8,
-                  c_dec=[8, 4, 3], k_dec=[3, 3, 7], s_dec=[1, 1, 1], nres_dec=1)
-  model = ts.make_model(c)
-  cs, ct = jnp.eye(4)[:2], jnp.eye(4)[2:4]
-  x = np.random.default_rng(1).uniform(-1, 1, (2, 1, 16, 12, 3)).astype(np.float32)
-  params = model.init(jax.random.PRNGKey(0), jnp.asarray(x), cs)["params"]
-  results, jaxprs = [], []
-  for n in (1, 4):
-    mesh = sharding.make_mesh({"data": 1, "spatial": n})
-
     def f(p, a, mesh=mesh):
       with sharded_conv.spatial_sharding(mesh), conv.forms(forms):
         (loss, _), g = jax.value_and_grad(
@@ -132,12 +76,56 @@ def test_a_height_sharded_2d_step_matches_one_device(forms):
     loss, g, out = jax.jit(f)(params, xs)
     results.append((float(loss), np.asarray(out),
                     np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(g)])))
-  assert "shard_map" not in jaxprs[0] and jaxprs[1].count("shard_map") >= 8
-  assert "ppermute" in jaxprs[1] and "all_gather" in jaxprs[1]
+  assert "shard_map" not in jaxprs[0]
   (l1, o1, g1), (l4, o4, g4) = results
   assert abs(l4 - l1) <= 1e-5 * abs(l1)
   np.testing.assert_allclose(o4, o1, rtol=0, atol=1e-5)
   assert np.linalg.norm(g4 - g1) <= 1e-4 * np.linalg.norm(g1)
+  return jaxprs[1]
+
+
+def test_per_shard_convs_in_the_whole_step_match_one_device(monkeypatch):
+  """The official objective's value, output and gradient with every stride-1 3D conv counted
+  as large, so that on a depth-sharded volume each runs per shard (halo exchange, reflected
+  ends, one-slice chunks; the latent layers, one slice per shard, a window of the gathered
+  depth): equal to one device's up to float32 rounding."""
+  import jax.numpy as jnp
+  import numpy as np
+  from configs.base import base_config
+  from seq2seq_jax import train_step as ts
+  from seq2seq_jax.models import conv3d
+
+  monkeypatch.setattr(conv3d, "STACK_BYTES_TO_CHUNK", 0)
+  monkeypatch.setattr(conv3d, "MIN_CHUNK_ROWS", 1)
+  c = base_config(ndims=3, c_s=4, c_w=2, c_in=1, c_enc=[4, 8, 8], k_enc=[3, 3, 3],
+                  s_enc=[1, 2, 2], nres_enc=1, norm="InstanceNorm", c_lstm=8,
+                  c_dec=[8, 4, 1], k_dec=[3, 3, 5], s_dec=[1, 1, 1], nres_dec=1)
+  model = ts.make_model(c)
+  cs, ct = jnp.eye(4)[:1], jnp.eye(4)[1:2]
+  x = np.random.default_rng(0).uniform(-1, 1, (1, 1, 16, 12, 12, 1)).astype(np.float32)
+  jaxpr = _four_shards_match_one_device(model, x, cs, ct, "auto")
+  assert jaxpr.count("shard_map") >= 4 and "ppermute" in jaxpr and "all_gather" in jaxpr
+
+
+@pytest.mark.parametrize("forms", ["cpu_tuned", "xla"])
+def test_a_height_sharded_2d_step_matches_one_device(forms):
+  """A 2.5D model's objective, output and gradient on images whose height is split over 4
+  devices, one code per example: its reflect convs and hyperconvs run per shard (halo
+  exchange, reflected ends; at the latent's one row per shard a window of the gathered
+  height), equal to one device's up to float32 rounding, in both conv forms."""
+  import jax.numpy as jnp
+  import numpy as np
+  from configs.base import base_config
+  from seq2seq_jax import train_step as ts
+
+  c = base_config(ndims=2, c_s=4, c_w=2, c_in=3, c_enc=[4, 8, 8], k_enc=[7, 3, 3],
+                  s_enc=[1, 2, 2], nres_enc=1, norm="InstanceNorm", c_lstm=8,
+                  c_dec=[8, 4, 3], k_dec=[3, 3, 7], s_dec=[1, 1, 1], nres_dec=1)
+  model = ts.make_model(c)
+  cs, ct = jnp.eye(4)[:2], jnp.eye(4)[2:4]
+  x = np.random.default_rng(1).uniform(-1, 1, (2, 1, 16, 12, 3)).astype(np.float32)
+  jaxpr = _four_shards_match_one_device(model, x, cs, ct, forms)
+  assert jaxpr.count("shard_map") >= 8 and "ppermute" in jaxpr and "all_gather" in jaxpr
 
 
 def test_training_crops_the_spatial_axis_does_not_split_are_refused(caplog):

@@ -7,9 +7,9 @@ per padded activation were kept from the forward pass to the backward (brats3d's
 128³ on 2 H200s: 114 MiB of temporaries); the CPU-tuned forms' loops over depth chunks
 (`conv3d`) would gather the whole volume onto every device, and their 2D forms came out
 larger and slower than per shard (the toy model at 256² on 2 host devices: 680 against 463
-MB per device). Here each shard takes its neighbours' border slices instead (`ppermute`; at the
-array's ends the reflected slices of its own) and convolves its own slab as one device would
-(`sharded_reflect_conv`).
+MB per device). Here each shard takes its neighbours' border slices instead (`ppermute`;
+at the array's ends the reflected slices of its own) and convolves its own slab as one
+device would (`sharded_reflect_conv`).
 
 The train step sets the mesh around the model (`spatial_sharding`); convs traced inside read
 it at trace time.
@@ -80,9 +80,9 @@ def sharded_reflect_conv(
   CPU), as chunking there would gather the volume onto every device, and inside brats3d's
   whole step at 64³ over 8 host devices that conv came out wrong (experiments/README.md,
   fifteenth session). XLA's forms lose GSPMD's reflect-pad masks this way (module
-  docstring); a 2D model's CPU-tuned forms, GSPMD's gathers of the row tiles (the toy model
-  at 256² on 2 host devices: 680 → 463 MB per device, 5.4 → 2.6 s a step;
-  experiments/README.md, twentieth session).
+  docstring); a 2D model's CPU-tuned forms need less memory and time per shard than under
+  GSPMD (the toy model at 256² on 2 host devices: 680 → 463 MB per device, steps about 2×
+  faster; experiments/README.md, twentieth session).
   """
   mesh = _MESH.get()
   if mesh is None:
