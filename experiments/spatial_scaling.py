@@ -8,8 +8,9 @@ Runs on `--devices` host CPU devices (set before JAX starts). For spatial shards
 the volume's depth sharded over a `spatial` mesh axis (GSPMD: the input is sharded, XLA
 propagates the sharding through every layer and inserts the halo exchanges and the norm
 statistics' reductions; convs run per shard with an explicit halo exchange where
-`sharded_conv.sharded_reflect_conv` takes them: with the CPU-tuned forms the large stride-1 convs,
-with `--config.train.conv_forms=xla`, what accelerators run, every conv whose slabs line up). Prints one JSON line per n: per-device temp memory from XLA's
+`sharded_conv.sharded_reflect_conv` takes them: with the CPU-tuned forms the large stride-1
+convs, with `--config.train.conv_forms=xla`, what accelerators run, every conv whose slabs
+line up). Prints one JSON line per n: per-device temp memory from XLA's
 `memory_analysis()`, the loss and output error against n = 1, and the largest cubic volume
 whose step fits `--budget_gb` per device (`experiments/fit_search.py`: memory modelled as
 fixed + per voxel from the compiled sizes, each guess checked by compiling it, up to 4;
