@@ -18,7 +18,6 @@ only, raw bytes), so a prepared dataset can never execute code when read. Schema
   storage_scale:   float, multiply stored values by this (1 except for int16 storage).
   normalization:   str, the scheme (see normalization.py); version: int, RECORD_VERSION.
 """
-import io
 import json
 import os
 from typing import Any, Dict, List
