@@ -33,6 +33,7 @@ from seq2seq_jax import sharding
 from seq2seq_jax import train_step as ts
 from seq2seq_jax import vgg as vgg_lib
 from seq2seq_jax.models import conv
+from seq2seq_jax.models import gemm_conv
 from seq2seq_jax.models import total_stride
 
 FLAGS = flags.FLAGS
@@ -174,7 +175,7 @@ def count_flops(model, config, state, gbatch, vgg) -> float:
   """
   mesh = sharding.make_mesh({"data": 1, "spatial": 1})
   state_sh = jax.tree_util.tree_map(lambda a: a.sharding, state)
-  with conv.loops(False):
+  with gemm_conv.loops(False):
     step = _make_step(model, config, mesh, state_sh, gbatch)
     return _flops(step.lower(state, gbatch, vgg).compile())
 

@@ -1,4 +1,5 @@
-"""conv_nd's own forward and kernel gradient against XLA's convolution and its gradient."""
+"""conv_nd on 3D volumes (depth-folded, chunked), per spatial shard, and in XLA's own forms,
+against XLA's convolution and its gradients (the 2D GEMM forms: gemm_conv_test.py)."""
 
 import re
 
@@ -11,113 +12,9 @@ import pytest
 
 from seq2seq_jax import sharding
 from seq2seq_jax.models import conv
+from seq2seq_jax.models import gemm_conv
 from seq2seq_jax.models import ops
 from seq2seq_jax.models import sharded_conv
-
-# (spatial, cin, cout, k, stride, ndims): one case per branch of `kernel_grad`, the shifted-GEMM
-# forward (narrow outputs), and dims.
-CASES = [
-    (96, 32, 3, 7, 1, 2),    # narrow output: shifted-GEMM forward, dy shifted into GEMM columns
-    (64, 64, 48, 3, 1, 2),   # wide: one GEMM per offset; row-stacked forward
-    (127, 64, 64, 3, 2, 2),  # wide, strided, odd size
-    (12, 3, 16, 7, 1, 2),    # few input channels: XLA's own
-    (8, 64, 64, 3, 1, 2),    # small layer: XLA's kernel gradient, row-stacked forward
-    (9, 16, 24, 5, 1, 2),    # row-stacked forward, k = 5, odd size
-]
-# (kernel-gradient form, forward form) of each case.
-FORMS = [("narrow", "narrow"), ("wide", "rows"), ("wide", "xla"), ("xla", "xla"),
-         ("xla", "rows"), ("xla", "rows")]
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_gradients_equal_xla(case, monkeypatch):
-  monkeypatch.setattr(conv, "MIN_ROWS_MACS", 0)  # the row-stacked forward on small layers too
-  grad_form, fwd_form = FORMS[CASES.index(case)]
-  x_shape = (2,) + (case[0],) * case[5] + (case[1],)
-  k_shape = (case[3],) * case[5] + case[1:3]
-  assert conv._grad_form(x_shape, k_shape, case[4]) == grad_form
-  assert conv.forward_form(x_shape, k_shape, case[4]) == fwd_form
-  n, cin, cout, k, stride, ndims = case
-  pads = (((k - 1) // 2, (k - 1) // 2),) * ndims
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2,) + (n,) * ndims + (cin,)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((k,) * ndims + (cin, cout)) * 0.1, jnp.float32)
-  y_ref, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, stride, pads), x, w)
-  y, vjp = jax.vjp(lambda a, b: conv.conv_nd(a, b, stride, pads), x, w)
-  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  if fwd_form != "xla":  # the same products summed in another order
-    np.testing.assert_allclose(y, y_ref, atol=1e-5 * float(jnp.abs(y_ref).max()), rtol=0)
-  else:
-    np.testing.assert_array_equal(y, y_ref)
-  for got, want in zip(vjp(dy), vjp_ref(dy)):
-    scale = float(jnp.abs(want).max())
-    # float32 sums of up to 8k products in another order: ~1e-6 of the largest value.
-    np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=0)
-
-
-@pytest.mark.parametrize("ndims", [2, 3])
-def test_patches_kernel_gradient_equals_xla(ndims, monkeypatch):
-  """The tiled patches kernel gradient (few inputs, many rows) against XLA's, in 2D (tiles of
-  rows, odd size) and 3D (the depth-folded first conv, 1 input channel, k = 5)."""
-  monkeypatch.setattr(conv, "PATCHES_TO_TILE", 0)
-  monkeypatch.setattr(conv, "PATCH_TILE_BYTES", 1 << 14)  # several tiles, not one
-  rng = np.random.default_rng(3)
-  if ndims == 2:
-    x_shape, k_shape, pads = (2, 21, 13, 3), (5, 5, 3, 8), ((2, 2), (1, 3))
-    assert conv._grad_form((2, 25, 17, 3), k_shape, 1) == "patches"
-  else:
-    x_shape, k_shape, pads = (1, 10, 12, 9, 1), (5, 5, 5, 1, 6), ((2, 2),) * 3
-  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-  w = jnp.asarray(rng.standard_normal(k_shape) * 0.1, jnp.float32)
-  y_ref, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, 1, pads), x, w)
-  y, vjp = jax.vjp(lambda a, b: conv.conv_nd(a, b, 1, pads), x, w)
-  np.testing.assert_allclose(y, y_ref, atol=1e-5 * float(jnp.abs(y_ref).max()), rtol=0)
-  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  for got, want in zip(vjp(dy), vjp_ref(dy)):
-    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
-
-
-@pytest.mark.parametrize("tile_rows", [5, 66])
-def test_narrow_kernel_gradient_in_row_tiles_equals_xla(tile_rows, monkeypatch):
-  """The narrow kernel gradient over tiles of the padded input's rows against XLA's: 66 rows
-  as 13 tiles of 5 and a last tile of 1, and as one tile."""
-  rng = np.random.default_rng(4)
-  x_shape, k_shape, pads = (2, 64, 64, 32), (3, 3, 32, 3), ((1, 1), (1, 1))
-  assert conv._grad_form(x_shape, k_shape, 1) == "narrow"
-  row_bytes = 2 * 66 * 9 * 3 * 4  # one row of the shifted dy columns
-  monkeypatch.setattr(conv, "PATCH_TILE_BYTES", tile_rows * row_bytes + row_bytes // 2)
-  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-  w = jnp.asarray(rng.standard_normal(k_shape) * 0.1, jnp.float32)
-  _, vjp_ref = jax.vjp(lambda a, b: conv._xla_conv(a, b, 1, pads), x, w)
-  y, vjp = jax.vjp(lambda a, b: conv.conv_nd(a, b, 1, pads), x, w)
-  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  for got, want in zip(vjp(dy), vjp_ref(dy)):
-    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
-  with conv.loops(False):  # one GEMM over the whole frame (the backward is traced here)
-    whole = jax.vjp(lambda a, b: conv.conv_nd(a, b, 1, pads), x, w)[1](dy)[1]
-  np.testing.assert_allclose(vjp(dy)[1], whole,
-                             atol=1e-5 * float(jnp.abs(vjp_ref(dy)[1]).max()), rtol=0)
-
-
-def test_kernel_grad_form_policy():
-  """Patches for brats3d's first conv (1 → 16, k = 5, folded: 5 stacked inputs over 64³ rows),
-  XLA's for brats2d's (3 → 64, 7×7 at 192²), where its packing is small and it is faster."""
-  assert conv._grad_form((64, 68, 68, 5), (5, 5, 5, 16), 1) == "patches"
-  assert conv._grad_form((1, 198, 198, 3), (7, 7, 3, 64), 1) == "xla"
-
-
-def test_forward_form_policy():
-  """The row-stacked forward where XLA's conv is slow (brats2d's latent, 96² and 192² layers,
-  the folded 3D latent convs), XLA's on the toy model's small layers."""
-  form = lambda x, k: conv.forward_form(x, k, 1)
-  assert form((1, 50, 50, 256), (3, 3, 256, 256)) == "rows"
-  assert form((1, 98, 98, 256), (3, 3, 256, 128)) == "rows"
-  assert form((16, 18, 18, 192), (3, 3, 192, 64)) == "rows"
-  assert form((1, 194, 194, 128), (3, 3, 128, 64)) == "rows"
-  assert form((8, 34, 34, 32), (3, 3, 32, 32)) == "xla"
-  assert form((1, 198, 198, 3), (7, 7, 3, 64)) == "xla"
-  assert form((1, 198, 198, 64), (7, 7, 64, 3)) == "narrow"
-
 
 # 3D (spatial, cin, cout, k, stride, zero pads): stride 1 folds the depth offsets into the 2D
 # conv's inputs, stride 2 into its outputs (per residue); odd sizes, one input or output
@@ -268,85 +165,9 @@ def test_3d_chunk_size_policy():
   assert conv3d.chunk_size((1, 18, 18, 18, 64), (3, 3, 3, 64, 64), 1, no_pad) is None
 
 
-def test_bf16_kernel_gradient_dtype_and_value():
-  rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.standard_normal((2, 64, 64, 64)), jnp.bfloat16)
-  w = jnp.asarray(rng.standard_normal((3, 3, 64, 48)) * 0.1, jnp.float32)
-  assert conv._grad_form(x.shape, w.shape, 1) == "wide"
-  f = lambda w, op: jnp.sum(op(x, w.astype(jnp.bfloat16)).astype(jnp.float32) ** 2)
-  g = jax.grad(f)(w, lambda a, b: conv.conv_nd(a, b, 1, ((1, 1), (1, 1))))
-  g_ref = jax.grad(f)(w, lambda a, b: conv._xla_conv(a, b, 1, ((1, 1), (1, 1))))
-  assert g.dtype == jnp.float32
-  np.testing.assert_allclose(g, g_ref, rtol=0, atol=0.02 * float(jnp.abs(g_ref).max()))
-
-
 def test_rejects_same_padding():
   with pytest.raises(ValueError, match="SAME"):
     conv.conv_nd(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), padding="SAME")
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_shifted_gemm_conv_matches_xla_with_padding(dtype):
-  """Asymmetric zero pads and a non-square image, in float32 and bf16 (f32 accumulation)."""
-  rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.standard_normal((3, 21, 34, 24)), dtype)
-  w = jnp.asarray(rng.standard_normal((5, 5, 24, 2)) * 0.1, dtype)
-  pads = ((1, 3), (2, 0))
-  y = conv.shifted_gemm_conv(x, w, pads)
-  y_ref = conv._xla_conv(x.astype(jnp.float32), w.astype(jnp.float32), 1, pads)
-  assert y.dtype == dtype and y.shape == y_ref.shape
-  tol = 1e-5 if dtype == jnp.float32 else 1e-2
-  np.testing.assert_allclose(np.asarray(y, np.float32), y_ref,
-                             atol=tol * float(jnp.abs(y_ref).max()), rtol=0)
-
-
-def test_per_example_narrow_conv_matches_the_patches_form():
-  """Forward and both gradients against autodiff of `hyperconv.per_example_conv`."""
-  from seq2seq_jax.models import hyperconv
-  rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.standard_normal((3, 22, 19, 16)), jnp.float32)
-  kernels = jnp.asarray(rng.standard_normal((3, 5, 5, 16, 3)) * 0.1, jnp.float32)
-  assert conv.forward_form(x.shape, kernels.shape[1:], 1) == "narrow"
-  y_ref, vjp_ref = jax.vjp(lambda a, w: hyperconv.per_example_conv(a, w, 1), x, kernels)
-  y, vjp = jax.vjp(conv.per_example_narrow_conv, x, kernels)
-  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
-  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
-  for got, want in zip(vjp(dy), vjp_ref(dy)):
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
-
-
-def test_loops_off_gives_the_same_conv_without_loops():
-  """`conv.loops(False)` (the benchmark's FLOP count) runs the tiled row-stacked forward and
-  the depth-chunked 3D conv as single ops: no loop in the trace, the same values."""
-  from seq2seq_jax.models import conv3d
-  rng = np.random.default_rng(6)
-  x2 = jnp.asarray(rng.standard_normal((1, 66, 66, 64)), jnp.float32)
-  w2 = jnp.asarray(rng.standard_normal((3, 3, 64, 64)) * 0.05, jnp.float32)
-  x3 = jnp.asarray(rng.standard_normal((1, 66, 66, 66, 32)), jnp.float32)
-  w3 = jnp.asarray(rng.standard_normal((3, 3, 3, 32, 16)) * 0.05, jnp.float32)
-  assert conv.forward_form(x2.shape, w2.shape, 1) == "rows"
-  assert conv3d.chunk_size(x3.shape, w3.shape, 1, ((0, 0),) * 3) is not None
-  for x, w in ((x2, w2), (x3, w3)):
-    looped = jax.jit(lambda a, b: conv.conv_nd(a, b))
-    assert "while" in looped.lower(x, w).as_text()
-    with conv.loops(False):
-      plain = jax.jit(lambda a, b: conv.conv_nd(a, b))  # a new function: traces are cached
-      assert "while" not in plain.lower(x, w).as_text()
-      want = plain(x, w)
-    np.testing.assert_allclose(looped(x, w), want, rtol=0,
-                               atol=1e-5 * float(jnp.abs(want).max()))
-
-
-@pytest.mark.parametrize("count", [1, 3])
-def test_map_concat_and_map_sum_equal_concatenate_and_sum(count):
-  x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 4, 5)), jnp.float32)
-  fn = lambda i: jnp.sin(x * (i + 1.0))
-  parts = [fn(i) for i in range(count)]
-  for axis in (0, 1):
-    got = jax.jit(lambda: conv.map_concat(fn, count, axis, like=x))()
-    np.testing.assert_allclose(got, jnp.concatenate(parts, axis), rtol=0, atol=1e-6)
-  np.testing.assert_allclose(jax.jit(lambda: conv.map_sum(fn, count, like=x))(), sum(parts),
-                             rtol=0, atol=1e-6)
 
 
 def _loop_starts(closed_jaxpr, shapes) -> list[str]:
@@ -374,7 +195,7 @@ def _loop_starts(closed_jaxpr, shapes) -> list[str]:
 
 def test_chunked_3d_conv_loops_start_from_zeros_of_their_own(monkeypatch):
   """The chunked 3D conv's loops (forward output, backward dx) start from
-  `conv.fresh_zeros` (a conditional), not from a zero broadcast: XLA merges equal
+  `gemm_conv.fresh_zeros` (a conditional), not from a zero broadcast: XLA merges equal
   broadcasts of all calls into one template that stays alive through the backward pass
   (brats3d at 96³: 260 MB at the step's peak). The check flags a `jnp.zeros` start."""
   from seq2seq_jax.models import conv3d
@@ -519,8 +340,8 @@ def test_cpu_tuned_forms_run_a_height_sharded_2d_conv_per_shard(case, monkeypatc
   both gradients equal the unsharded conv's."""
   b, h, cin, cout, k, stride, mesh_cfg = case
   pad = k // 2
-  monkeypatch.setattr(conv, "MIN_ROWS_MACS", 0)  # the row-stacked forward on small layers too
-  monkeypatch.setattr(conv, "ROWS_TILE_BYTES", 1)  # one row per tile: a loop
+  monkeypatch.setattr(gemm_conv, "MIN_ROWS_MACS", 0)  # the row-stacked forward on small ones
+  monkeypatch.setattr(gemm_conv, "ROWS_TILE_BYTES", 1)  # one row per tile: a loop
   mesh = sharding.make_mesh(mesh_cfg)
   rng = np.random.default_rng(15)
   x = jnp.asarray(rng.standard_normal((b, h, 10, cin)), jnp.float32)

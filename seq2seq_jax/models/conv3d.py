@@ -8,10 +8,10 @@ batch (depth-major, so that a depth-sharded volume stays sharded) and the k dept
 into its channels, so the 2D forms of `conv.conv_nd` serve 3D too.
 
 Large stride-1 layers (the decoder's at full resolution) run in chunks of output depth in a
-loop (`conv.map_concat`), with a custom VJP that loops over the same chunks, so a chunk's
-stacked inputs and GEMM columns stay small (brats3d: XLA temporaries 2.19 → 1.14 GB at the same
-step time). Chunking under GSPMD would gather a depth-sharded volume onto every device, so
-on spatially sharded steps those layers run per shard instead
+loop (`gemm_conv.map_concat`), with a custom VJP that loops over the same chunks, so a
+chunk's stacked inputs and GEMM columns stay small (brats3d: XLA temporaries 2.19 → 1.14 GB
+at the same step time). Chunking under GSPMD would gather a depth-sharded volume onto every
+device, so on spatially sharded steps those layers run per shard instead
 (`sharded_conv.sharded_reflect_conv`), each shard chunking its own slab as one device would.
 """
 
@@ -25,6 +25,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from seq2seq_jax.models import conv
+from seq2seq_jax.models import gemm_conv
 from seq2seq_jax.models import sharded_conv
 
 # Chunk when a layer's stacked inputs exceed this (the 32→16 decoder conv at 64³: 107 MB).
@@ -39,7 +40,7 @@ def conv3d(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
   """`conv.conv_nd` for `x` `[b, d, h, w, cin]`, `kernel` `[k, k, k, cin, cout]`, zero pads."""
   chunk = chunk_size(x.shape, kernel.shape, stride, pads)
   sharded = sharded_conv.spatial_mesh() is not None
-  if chunk is None or not sharded and not conv.loops_enabled():
+  if chunk is None or not sharded and not gemm_conv.loops_enabled():
     return depth_folded_conv(x, kernel, stride, pads)
   if sharded:
     # A layer that one device chunks, on a depth-sharded volume but not through
@@ -131,7 +132,7 @@ def _map_conv(x: jnp.ndarray, kernel: jnp.ndarray, chunk: int) -> jnp.ndarray:
   def body(i):
     xs = lax.dynamic_slice_in_dim(x, i * chunk, chunk + k - 1, axis=1)
     return conv.conv_nd(_stacked(xs, k, chunk), w, 1)  # [chunk·b, h, w, cout], depth-major
-  y = conv.map_concat(body, out_depth // chunk, axis=0, like=x)
+  y = gemm_conv.map_concat(body, out_depth // chunk, axis=0, like=x)
   return jnp.moveaxis(y.reshape((out_depth, b) + y.shape[1:]), 0, 1)
 
 
@@ -149,6 +150,7 @@ def _chunked_bwd(chunk, res, dy):
   b, k = x.shape[0], kernel.shape[0]
   cin, cout = kernel.shape[-2:]
   n, frame = dy.shape[1] // chunk, x.shape[2:4]
+  acc = gemm_conv.acc_dtype(dy)
   # Both gradients from one set of GEMM columns per chunk: D[s, q, (a, o)] = dy[s, q - a, o],
   # dy shifted to every in-plane offset a. With W_j the kernel at depth offset j as a
   # [cin, (a, o)] matrix, dW_j = x[s + j]ᵀ D and dx[s + j] += D W_jᵀ. Stacking x (and dy)
@@ -158,18 +160,18 @@ def _chunked_bwd(chunk, res, dy):
 
   def body(carry, start):
     gw_sum, dx = carry
-    d = conv._shifted_columns(_fold(lax.dynamic_slice_in_dim(dy, start, chunk, axis=1)), k,
-                              frame)
+    d = gemm_conv.shifted_columns(
+        _fold(lax.dynamic_slice_in_dim(dy, start, chunk, axis=1)), k, frame)
     d = d.reshape(-1, d.shape[-1])  # [chunk·b·plane, k²·cout]
     xs = lax.dynamic_slice_in_dim(x, start, chunk + k - 1, axis=1)
-    gw = jnp.stack([conv._dot_t(_fold(xs[:, j:j + chunk]).reshape(-1, cin), d)
+    gw = jnp.stack([gemm_conv.dot_t(_fold(xs[:, j:j + chunk]).reshape(-1, cin), d)
                     for j in range(k)])
     # The chunk's dx covers its chunk + k - 1 input slices: D W_jᵀ lands j slices down. It is
     # added into the one dx buffer the loop carries (in place): stacking each chunk's slices
     # and overlap-adding them after the loop held dx about three times over (brats3d's
     # 32→16 conv: 34 + 17 + 35 MB).
     dxs = sum(jnp.pad(lax.dot_general(d, w[j], (((1,), (1,)), ((), ())),
-                                      preferred_element_type=conv._acc(d)
+                                      preferred_element_type=acc
                                       ).reshape((chunk, b) + x.shape[2:]),
                       ((j, k - 1 - j),) + ((0, 0),) * 4)
               for j in range(k))
@@ -177,8 +179,8 @@ def _chunked_bwd(chunk, res, dy):
     dx = lax.dynamic_update_slice_in_dim(dx, old + dxs.astype(dx.dtype), start, axis=0)
     return (gw_sum + gw, dx), None
 
-  dx0 = conv.fresh_zeros((n * chunk + k - 1, b) + x.shape[2:], conv._acc(dy), dy)
-  gw0 = jnp.zeros((k, cin, kernel.shape[1] * kernel.shape[2] * cout), conv._acc(dy))
+  dx0 = gemm_conv.fresh_zeros((n * chunk + k - 1, b) + x.shape[2:], acc, dy)
+  gw0 = jnp.zeros((k, cin, kernel.shape[1] * kernel.shape[2] * cout), acc)
   (gw, dx), _ = lax.scan(body, (gw0, dx0), jnp.arange(n) * chunk)
   dx = jnp.moveaxis(dx, 0, 1)  # [b, depth, ...]
   # gw [k, cin, (a1, a2, o)] → [k, a1, a2, cin, cout]

@@ -13,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from seq2seq_jax.models import ops
 from seq2seq_jax.models import conv
+from seq2seq_jax.models import gemm_conv
 from seq2seq_jax.models import sharded_conv
 from seq2seq_jax.models.conv import linear_init, zeros
 
@@ -52,12 +53,12 @@ def grouped_conv(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.n
 
 def per_example(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.ndarray:
   """VALID conv of example i with its own kernel i, in the forms traced here (`conv.forms`):
-  `grouped_conv` for XLA's; on CPU `conv.per_example_narrow_conv` for narrow outputs (e.g.
-  the 3-channel output conv), else `per_example_conv`."""
+  `grouped_conv` for XLA's; on CPU `gemm_conv.per_example_narrow_conv` for narrow outputs
+  (e.g. the 3-channel output conv), else `per_example_conv`."""
   if not conv.cpu_tuned():
     return grouped_conv(x, kernels, stride)
-  if conv.forward_form(x.shape, kernels.shape[1:], stride) == "narrow":
-    return conv.per_example_narrow_conv(x, kernels)
+  if gemm_conv.forward_form(x.shape, kernels.shape[1:], stride) == "narrow":
+    return gemm_conv.per_example_narrow_conv(x, kernels)
   return per_example_conv(x, kernels, stride)
 
 
@@ -67,8 +68,8 @@ class HyperConv(nn.Module):
   `s` is `[1, c_s]` (one code for the whole batch, as the official model) or `[n, c_s]` with
   n = batch (one code per example). In the per-example case each example is convolved with its
   own kernel, as one batched matmul over patches (see `per_example_conv`), or for narrow
-  outputs as `conv.per_example_narrow_conv`; with XLA's own conv forms (`conv.forms`), as one
-  grouped conv (`grouped_conv`).
+  outputs as `gemm_conv.per_example_narrow_conv`; with XLA's own conv forms (`conv.forms`), as
+  one grouped conv (`grouped_conv`).
 
   Attributes:
     features: output channels.
