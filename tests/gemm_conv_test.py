@@ -95,9 +95,13 @@ def test_narrow_kernel_gradient_in_row_tiles_equals_xla(tile_rows, monkeypatch):
 
 def test_kernel_grad_form_policy():
   """Patches for brats3d's first conv (1 → 16, k = 5, folded: 5 stacked inputs over 64³ rows),
-  XLA's for brats2d's (3 → 64, 7×7 at 192²), where its packing is small and it is faster."""
+  XLA's for brats2d's (3 → 64, 7×7 at 192²), where its packing is small and it is faster;
+  wide for brats2d's 256→128 decoder conv at 96²."""
   assert gemm_conv.grad_form((64, 68, 68, 5), (5, 5, 5, 16), 1) == "patches"
   assert gemm_conv.grad_form((1, 198, 198, 3), (7, 7, 3, 64), 1) == "xla"
+  # brats2d's 256→128 decoder conv at 96²: narrow was 1.6× faster alone but made the whole
+  # step slower (experiments/README.md, "twenty-second session").
+  assert gemm_conv.grad_form((1, 98, 98, 256), (3, 3, 256, 128), 1) == "wide"
 
 
 def test_forward_form_policy():
@@ -113,11 +117,12 @@ def test_forward_form_policy():
   assert form((1, 198, 198, 64), (7, 7, 64, 3)) == "narrow"
 
 
-def test_bf16_kernel_gradient_dtype_and_value():
+@pytest.mark.parametrize("batch,form", [(2, "wide"), (4, "narrow")])
+def test_bf16_kernel_gradient_dtype_and_value(batch, form):
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.standard_normal((2, 64, 64, 64)), jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((batch, 64, 64, 64)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, 64, 48)) * 0.1, jnp.float32)
-  assert gemm_conv.grad_form(x.shape, w.shape, 1) == "wide"
+  assert gemm_conv.grad_form(x.shape, w.shape, 1) == form
   f = lambda w, op: jnp.sum(op(x, w.astype(jnp.bfloat16)).astype(jnp.float32) ** 2)
   g = jax.grad(f)(w, lambda a, b: conv.conv_nd(a, b, 1, ((1, 1), (1, 1))))
   g_ref = jax.grad(f)(w, lambda a, b: conv._xla_conv(a, b, 1, ((1, 1), (1, 1))))
