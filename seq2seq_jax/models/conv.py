@@ -98,7 +98,7 @@ def xla_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int,
   than on one (208). Behind one optimization barrier with the input gradient (`_conv`'s VJP)
   it is 149 MiB (205 on one, 76 on 4; experiments/README.md, "eighteenth session").
   """
-  return _conv(x, kernel, stride, tuple(pads), "xla", "xla")
+  return _conv(x, kernel, stride, tuple(pads), "xla", "xla", "xla")
 
 
 def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
@@ -112,7 +112,9 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   (`kernel_grad`, GEMMs: 2-3× faster for wide layers, up to 100× for the output conv). The
   input gradient is always XLA's, which runs at 130-170 GFLOP/s on the shapes where its
   forward conv is slowest. 3D convs are 2D convs over depth slices (`conv3d.conv3d`), so they
-  get the same forms.
+  get the same forms. In bfloat16 on CPUs with AMX tiles, whose bf16 GEMMs run 2.5-4× faster
+  than XLA's bf16 convs, the input gradient of row-stacked layers is a row-stacked conv too,
+  and small-frame wide kernel gradients take GEMMs over channel-major copies (`amx_forms`).
   """
   ndims = x.ndim - 2
   if isinstance(padding, str):
@@ -129,9 +131,12 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   if fwd == "rows" and not gemm_conv.loops_enabled():
     fwd = "rows_untiled"  # a static argument of the custom VJP, so traces are not shared
   grad = gemm_conv.grad_form(x.shape, kernel.shape, stride)
-  if fwd == grad == "xla":
+  dx = "xla"
+  if gemm_conv.amx_bf16() and x.dtype == jnp.bfloat16:
+    dx, grad = gemm_conv.amx_forms(x.shape, kernel.shape, stride, grad)
+  if fwd == grad == dx == "xla":
     return _xla_conv(x, kernel, stride, pads)  # no custom VJP: nothing to gain, fusion intact
-  return _conv(x, kernel, stride, pads, fwd, grad)
+  return _conv(x, kernel, stride, pads, fwd, grad, dx)
 
 
 def reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, pad: int) -> jnp.ndarray:
@@ -153,26 +158,33 @@ def _forward(x, kernel, stride, pads, fwd):
   return _xla_conv(x, kernel, stride, pads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, kernel, stride, pads, fwd, grad):
-  del grad
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv(x, kernel, stride, pads, fwd, grad, dx):
+  del grad, dx
   return _forward(x, kernel, stride, pads, fwd)
 
 
-def _conv_fwd(x, kernel, stride, pads, fwd, grad):
-  del grad
+def _conv_fwd(x, kernel, stride, pads, fwd, grad, dx):
+  del grad, dx
   return _forward(x, kernel, stride, pads, fwd), (x, kernel)
 
 
-def _conv_bwd(stride, pads, fwd, grad, res, dy):
+def _conv_bwd(stride, pads, fwd, grad, dx_form, res, dy):
   del fwd
   x, kernel = res
   # The forward conv traced here is dead code after the transpose; XLA removes it.
-  if grad == "xla":
+  if grad == dx_form == "xla":
     grads = jax.vjp(lambda x_, k_: _xla_conv(x_, k_, stride, pads), x, kernel)[1](dy)
   else:
-    dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, pads), x)[1](dy)[0]
-    grads = dx, gemm_conv.kernel_grad(x, dy, kernel, stride, pads, grad)
+    if dx_form == "rows":
+      dx = gemm_conv.rows_input_grad(dy, kernel, pads)
+    else:
+      dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, pads), x)[1](dy)[0]
+    if grad == "xla":
+      dw = jax.vjp(lambda k_: _xla_conv(x, k_, stride, pads), kernel)[1](dy)[0]
+    else:
+      dw = gemm_conv.kernel_grad(x, dy, kernel, stride, pads, grad)
+    grads = dx, dw
   # dx only once dW is done, so that this layer's x and dy are freed as backprop passes it.
   # The kernel gradient is needed only by the optimizer, after the whole backward pass, and
   # XLA's scheduler otherwise put many layers' off until then, each keeping its x and dy

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import itertools
 import math
 from typing import Any, Callable, Iterator, Sequence
@@ -296,16 +297,82 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
     return jnp.moveaxis(g, 0, 1).reshape(kernel.shape).astype(kernel.dtype)
   if form == "patches":
     return _patches_grad(x, dy, k).reshape(kernel.shape).astype(kernel.dtype)
-  if form != "wide":
-    raise ValueError(f"kernel_grad form must be 'narrow', 'patches' or 'wide', got {form!r}")
-  dy2 = dy.reshape(-1, cout)
+  if form not in ("wide", "wide_t"):
+    raise ValueError("kernel_grad form must be 'narrow', 'patches', 'wide' or 'wide_t', "
+                     f"got {form!r}")
+  if form == "wide_t":  # channel-major copies: each offset's GEMM contracts minor axes
+    x, dy2 = jnp.moveaxis(x, -1, 0), jnp.moveaxis(dy, -1, 0).reshape(cout, -1)
+  else:
+    dy2 = dy.reshape(-1, cout)
   grads = []
   for offs in offsets:
-    start = (0,) + offs + (0,)
-    limit = (x.shape[0],) + tuple(o + (n - 1) * stride + 1 for o, n in zip(offs, out)) + (cin,)
-    view = lax.slice(x, start, limit, (1,) + (stride,) * ndims + (1,))
-    grads.append(dot_t(view.reshape(-1, cin), dy2))
+    ends = tuple(o + (n - 1) * stride + 1 for o, n in zip(offs, out))
+    if form == "wide_t":  # x [cin, b, *frame]
+      view = lax.slice(x, (0, 0) + offs, (cin, x.shape[1]) + ends, (1, 1) + (stride,) * ndims)
+      grads.append(lax.dot_general(view.reshape(cin, -1), dy2, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=acc_dtype(x)))
+    else:
+      view = lax.slice(x, (0,) + offs + (0,), (x.shape[0],) + ends + (cin,),
+                       (1,) + (stride,) * ndims + (1,))
+      grads.append(dot_t(view.reshape(-1, cin), dy2))
   return jnp.stack(grads).reshape(kernel.shape).astype(kernel.dtype)
+
+
+# Rows (batch × output pixels) up to which `amx_forms` gives wide kernel gradients the
+# channel-major form: at 48² (2,304 rows) 2.5× faster in bf16 (256→256: 503 vs 185 GFLOP/s;
+# 512→768: 578 vs 230); at 96² (9,216) the nine strided copies cost more than the GEMMs gain
+# (85 vs 100).
+WIDE_T_ROWS = 1 << 12
+
+
+@functools.lru_cache(maxsize=None)
+def amx_bf16() -> bool:
+  """Whether this host's CPU has AMX bf16 tiles (Intel Sapphire Rapids and later; Linux).
+
+  There XLA CPU's bfloat16 GEMMs run on the tiles when their contraction is on both
+  operands' minor axis: 1.4 TFLOP/s against 0.32 in float32 on a 2-core VM
+  (experiments/README.md, "twenty-third session"), while its bf16 convolutions and its GEMMs
+  over a transposed operand stay near the float32 speed.
+  """
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return "amx_bf16" in line.split()
+  except OSError:
+    pass
+  return False
+
+
+def amx_forms(x_shape, kernel_shape, stride: int, grad: str) -> tuple[str, str]:
+  """`(input-gradient form, kernel-gradient form)` of a bfloat16 2D conv on an AMX CPU.
+
+  The input gradient is the full conv of dy with the flipped kernel; where that conv (dy's
+  cout channels in, cin out) takes `row_stacked_conv` it runs on the tiles ('rows': 514-561
+  against XLA's 263-292 GFLOP/s on brats2d's 256- and 512-channel layers). Wide kernel
+  gradients over at most WIDE_T_ROWS rows become 'wide_t'. Otherwise `("xla", grad)`.
+  """
+  k = kernel_shape[0]
+  cin, cout = kernel_shape[-2:]
+  frame = tuple(n + k - 1 for n in x_shape[1:-1])  # dy zero-padded by k - 1 (upper bound)
+  dx = "xla"
+  if stride == 1 and forward_form(x_shape[:1] + frame + (cout,), (k, k, cout, cin), 1) == "rows":
+    dx = "rows"
+  rows = x_shape[0] * math.prod(-(-n // stride) for n in x_shape[1:-1])
+  if grad == "wide" and rows <= WIDE_T_ROWS:
+    grad = "wide_t"
+  return dx, grad
+
+
+def rows_input_grad(dy: jnp.ndarray, kernel: jnp.ndarray,
+                    pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
+  """d loss / d x of a stride-1 2D `_xla_conv(x, kernel, 1, pads)` as a `row_stacked_conv`:
+  the full conv of dy with the flipped, in/out-swapped kernel, cropped by `pads`."""
+  k = kernel.shape[0]
+  flipped = jnp.flip(kernel, (0, 1)).swapaxes(-1, -2)
+  dxp = row_stacked_conv(dy, flipped, ((k - 1, k - 1),) * 2, tiled=loops_enabled())
+  (top, bottom), (left, right) = pads
+  return dxp[:, top:dxp.shape[1] - bottom, left:dxp.shape[2] - right]
 
 
 def _narrow_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
