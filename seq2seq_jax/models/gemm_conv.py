@@ -283,7 +283,9 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
   3-channel output conv) shift dy instead of x, so the k^d offsets become GEMM columns (one
   [cin, k^d·cout] GEMM per tile of input rows, `_narrow_grad`); wide layers with enough work
   (the k^d small GEMMs lose to XLA below about 2^24 multiply-adds per offset, e.g. 8 × 8² ×
-  64²): one [cin, cout] GEMM per offset over a strided view of x.
+  64²): one [cin, cout] GEMM per offset over a strided view of x; 'wide_t' the same GEMMs over
+  channel-major copies of x and dy, contracting both operands' minor axes, which AMX's bf16
+  tiles need (`amx_forms`).
   """
   ndims = x.ndim - 2
   k = kernel.shape[0]
