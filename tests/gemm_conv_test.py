@@ -130,16 +130,17 @@ def test_bf16_kernel_gradient_dtype_and_value(batch, form):
   np.testing.assert_allclose(g, g_ref, rtol=0, atol=0.02 * float(jnp.abs(g_ref).max()))
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_wide_t_kernel_gradient_equals_xla(stride):
+@pytest.mark.parametrize("k", [3, 5])
+def test_flat_kernel_gradient_equals_xla(k):
+  """Two images and a non-square frame: pairs that wrap into the next row or image cancel."""
   rng = np.random.default_rng(2)
   pads = ((1, 1), (0, 2))
   x = jnp.asarray(rng.standard_normal((2, 33, 30, 48)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((3, 3, 48, 40)) * 0.1, jnp.float32)
-  y, vjp = jax.vjp(lambda b: conv._xla_conv(x, b, stride, pads), w)
+  w = jnp.asarray(rng.standard_normal((k, k, 48, 40)) * 0.1, jnp.float32)
+  y, vjp = jax.vjp(lambda b: conv._xla_conv(x, b, 1, pads), w)
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
   want = vjp(dy)[0]
-  got = gemm_conv.kernel_grad(x, dy, w, stride, pads, "wide_t")
+  got = gemm_conv.kernel_grad(x, dy, w, 1, pads, "flat_t")
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
 
 
@@ -157,19 +158,23 @@ def test_rows_input_gradient_equals_xla():
 
 
 def test_amx_forms_policy_and_bf16_gradients(monkeypatch):
-  """On an AMX CPU (forced here): brats2d's 48² latent convs take both AMX forms, its 96²
-  conv the row-stacked input gradient only, strided convs neither; the bf16 gradients through
-  them agree with XLA's on the same bf16 values."""
+  """On an AMX CPU (forced here): brats2d's 48², 96² and 192² convs take the AMX forms
+  (`flat_t` for wide and narrow kernel gradients alike), strided convs, few-channel convs and
+  small layers keep theirs; the bf16 gradients through them agree with XLA's on the same bf16
+  values."""
   monkeypatch.setattr(gemm_conv, "amx_bf16", lambda: True)
-  assert gemm_conv.amx_forms((1, 48, 48, 256), (3, 3, 256, 256), 1, "wide") == ("rows", "wide_t")
-  assert gemm_conv.amx_forms((1, 98, 98, 256), (3, 3, 256, 128), 1, "wide") == ("rows", "wide")
-  assert gemm_conv.amx_forms((1, 48, 48, 64), (3, 3, 64, 32), 2, "wide") == ("xla", "wide_t")
-  assert gemm_conv.amx_forms((8, 16, 16, 32), (3, 3, 32, 32), 1, "xla") == ("xla", "xla")
+  forms = gemm_conv.amx_forms
+  assert forms((1, 48, 48, 256), (3, 3, 256, 256), 1, "wide") == ("rows", "flat_t")
+  assert forms((1, 98, 98, 256), (3, 3, 256, 128), 1, "wide") == ("rows", "flat_t")
+  assert forms((1, 194, 194, 128), (3, 3, 128, 64), 1, "narrow") == ("rows", "flat_t")
+  assert forms((1, 198, 198, 64), (7, 7, 64, 3), 1, "narrow") == ("xla", "narrow")
+  assert forms((1, 48, 48, 64), (3, 3, 64, 32), 2, "wide") == ("xla", "wide")
+  assert forms((8, 16, 16, 32), (3, 3, 32, 32), 1, "xla") == ("xla", "xla")
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.standard_normal((1, 32, 32, 128)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, 128, 128)) * 0.05, jnp.bfloat16)
-  assert gemm_conv.amx_forms(x.shape, w.shape, 1, gemm_conv.grad_form(x.shape, w.shape, 1)) == (
-      "rows", "wide_t")
+  assert forms(x.shape, w.shape, 1, gemm_conv.grad_form(x.shape, w.shape, 1)) == ("rows",
+                                                                                 "flat_t")
   f = lambda op, a, b: jnp.sum(op(a, b).astype(jnp.float32) ** 2)
   got = jax.grad(lambda a, b: f(lambda u, v: conv.conv_nd(u, v, 1, ((1, 1), (1, 1))), a, b),
                  (0, 1))(x, w)

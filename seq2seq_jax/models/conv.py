@@ -114,7 +114,7 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   forward conv is slowest. 3D convs are 2D convs over depth slices (`conv3d.conv3d`), so they
   get the same forms. In bfloat16 on CPUs with AMX tiles, whose bf16 GEMMs run 2.5-4× faster
   than XLA's bf16 convs, the input gradient of row-stacked layers is a row-stacked conv too,
-  and small-frame wide kernel gradients take GEMMs over channel-major copies (`amx_forms`).
+  and wide and narrow kernel gradients take GEMMs over channel-major copies (`amx_forms`).
   """
   ndims = x.ndim - 2
   if isinstance(padding, str):

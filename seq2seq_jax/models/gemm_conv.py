@@ -283,9 +283,9 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
   3-channel output conv) shift dy instead of x, so the k^d offsets become GEMM columns (one
   [cin, k^d·cout] GEMM per tile of input rows, `_narrow_grad`); wide layers with enough work
   (the k^d small GEMMs lose to XLA below about 2^24 multiply-adds per offset, e.g. 8 × 8² ×
-  64²): one [cin, cout] GEMM per offset over a strided view of x; 'wide_t' the same GEMMs over
-  channel-major copies of x and dy, contracting both operands' minor axes, which AMX's bf16
-  tiles need (`amx_forms`).
+  64²): one [cin, cout] GEMM per offset over a strided view of x. 'flat_t' (stride 1, for
+  AMX's bf16 tiles: `amx_forms`) takes each offset's GEMM over contiguous slices of
+  channel-major copies (`_flat_grad`).
   """
   ndims = x.ndim - 2
   k = kernel.shape[0]
@@ -299,32 +299,43 @@ def kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, kernel: jnp.ndarray, stride: in
     return jnp.moveaxis(g, 0, 1).reshape(kernel.shape).astype(kernel.dtype)
   if form == "patches":
     return _patches_grad(x, dy, k).reshape(kernel.shape).astype(kernel.dtype)
-  if form not in ("wide", "wide_t"):
-    raise ValueError("kernel_grad form must be 'narrow', 'patches', 'wide' or 'wide_t', "
+  if form == "flat_t":
+    return _flat_grad(x, dy, k).reshape(kernel.shape).astype(kernel.dtype)
+  if form != "wide":
+    raise ValueError("kernel_grad form must be 'narrow', 'patches', 'wide' or 'flat_t', "
                      f"got {form!r}")
-  if form == "wide_t":  # channel-major copies: each offset's GEMM contracts minor axes
-    x, dy2 = jnp.moveaxis(x, -1, 0), jnp.moveaxis(dy, -1, 0).reshape(cout, -1)
-  else:
-    dy2 = dy.reshape(-1, cout)
+  dy2 = dy.reshape(-1, cout)
   grads = []
   for offs in offsets:
-    ends = tuple(o + (n - 1) * stride + 1 for o, n in zip(offs, out))
-    if form == "wide_t":  # x [cin, b, *frame]
-      view = lax.slice(x, (0, 0) + offs, (cin, x.shape[1]) + ends, (1, 1) + (stride,) * ndims)
-      grads.append(lax.dot_general(view.reshape(cin, -1), dy2, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=acc_dtype(x)))
-    else:
-      view = lax.slice(x, (0,) + offs + (0,), (x.shape[0],) + ends + (cin,),
-                       (1,) + (stride,) * ndims + (1,))
-      grads.append(dot_t(view.reshape(-1, cin), dy2))
+    start = (0,) + offs + (0,)
+    limit = (x.shape[0],) + tuple(o + (n - 1) * stride + 1 for o, n in zip(offs, out)) + (cin,)
+    view = lax.slice(x, start, limit, (1,) + (stride,) * ndims + (1,))
+    grads.append(dot_t(view.reshape(-1, cin), dy2))
   return jnp.stack(grads).reshape(kernel.shape).astype(kernel.dtype)
 
 
-# Rows (batch × output pixels) up to which `amx_forms` gives wide kernel gradients the
-# channel-major form: at 48² (2,304 rows) 2.5× faster in bf16 (256→256: 503 vs 185 GFLOP/s;
-# 512→768: 578 vs 230); at 96² (9,216) the nine strided copies cost more than the GEMMs gain
-# (85 vs 100).
-WIDE_T_ROWS = 1 << 12
+def _flat_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
+  """Stride-1 2D dW `[k, k, cin, cout]` as k² GEMMs over contiguous slices, both operands
+  channel-major so that each contracts its minor axis (what AMX's bf16 tiles run).
+
+  With X = x (the padded input, frame Hp × Wp) as `[cin, b·Hp·Wp]` and D = dy zero-padded to
+  the same frame as `[cout, b·Hp·Wp]`, dW[a, c] = X[:, o:o + n] Dᵀ with o = a·Wp + c: a pixel
+  (i, j) of D pairs with x[i + a, j + c], and D's zero rows and columns cancel the pairs that
+  wrap into the next row or image. (Hp·Wp)/(H·W) more products (8.5% at 48²), no strided
+  copies: in bf16 on AMX 469-622 GFLOP/s on brats2d's 48² layers, 188 on its 96² and 99 on
+  its 192² (the wide form 101 / 58, the narrow 134 / 87); slower than either in float32.
+  """
+  b, hp, wp, cin = x.shape
+  cout = dy.shape[-1]
+  n = b * hp * wp
+  tail = (k - 1) * wp + k - 1  # the last offset's slice reads this far past the frames
+  xt = jnp.pad(jnp.moveaxis(x, -1, 0).reshape(cin, n), ((0, 0), (0, tail)))
+  d = jnp.pad(dy, ((0, 0), (0, hp - dy.shape[1]), (0, wp - dy.shape[2]), (0, 0)))
+  dt = jnp.moveaxis(d, -1, 0).reshape(cout, n)
+  grads = [lax.dot_general(lax.slice_in_dim(xt, a * wp + c, a * wp + c + n, axis=1), dt,
+                           (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype(x))
+           for a in range(k) for c in range(k)]
+  return jnp.stack(grads)
 
 
 @functools.lru_cache(maxsize=None)
@@ -351,8 +362,9 @@ def amx_forms(x_shape, kernel_shape, stride: int, grad: str) -> tuple[str, str]:
 
   The input gradient is the full conv of dy with the flipped kernel; where that conv (dy's
   cout channels in, cin out) takes `row_stacked_conv` it runs on the tiles ('rows': 514-561
-  against XLA's 263-292 GFLOP/s on brats2d's 256- and 512-channel layers). Wide kernel
-  gradients over at most WIDE_T_ROWS rows become 'wide_t'. Otherwise `("xla", grad)`.
+  against XLA's 263-292 GFLOP/s on brats2d's 256- and 512-channel layers). Stride-1 wide and
+  narrow kernel gradients with 32 or more channels each way become 'flat_t' (`_flat_grad`).
+  Otherwise `("xla", grad)`.
   """
   k = kernel_shape[0]
   cin, cout = kernel_shape[-2:]
@@ -360,9 +372,8 @@ def amx_forms(x_shape, kernel_shape, stride: int, grad: str) -> tuple[str, str]:
   dx = "xla"
   if stride == 1 and forward_form(x_shape[:1] + frame + (cout,), (k, k, cout, cin), 1) == "rows":
     dx = "rows"
-  rows = x_shape[0] * math.prod(-(-n // stride) for n in x_shape[1:-1])
-  if grad == "wide" and rows <= WIDE_T_ROWS:
-    grad = "wide_t"
+  if stride == 1 and grad in ("wide", "narrow") and min(cin, cout) >= 32:
+    grad = "flat_t"
   return dx, grad
 
 
