@@ -235,6 +235,9 @@ def main(argv):
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
       "dtype": str(config.train.dtype), "remat": bool(config.train.remat),
       "conv_forms": str(config.train.conv_forms), "cpu_tuned_convs": cpu_tuned,
+      # Whether bf16 convs took the AMX forms (`gemm_conv.amx_forms`; an AMX CPU, bf16).
+      "amx_bf16_forms": bool(cpu_tuned and gemm_conv.amx_bf16()
+                             and jnp.dtype(config.train.dtype) == jnp.bfloat16),
       "recompute_elementwise": bool(config.train.recompute_elementwise),
       # Whether steps ran on the calling thread (`train.cpu_heap_reuse`, host_memory.py).
       "inline_steps": not jax.config.values["jax_cpu_enable_async_dispatch"],

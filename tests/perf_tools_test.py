@@ -22,6 +22,7 @@ def test_benchmark_prints_one_json_line_with_the_step_figures():
                         "--config.train.cpu_heap_reuse=True").strip().splitlines()[-1])
   assert row["codes"] == "shared" and row["batch"] == [4, 1, 16, 16, 3]
   assert row["inline_steps"] is True  # heap reuse runs the steps as training does
+  assert row["amx_bf16_forms"] is False  # float32: never the AMX forms, on any CPU
   assert row["sec_per_step"] > 0 and row["gflop_per_step"] > 0 and row["eval_volumes_per_s"] > 0
   assert row["xla_temp_mb"] > 0 and row["peak_rss_mb"] > 0
   # The conv reference is read before and after the step; the higher reading counts.
