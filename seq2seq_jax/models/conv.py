@@ -133,7 +133,7 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   grad = gemm_conv.grad_form(x.shape, kernel.shape, stride)
   dx = "xla"
   if gemm_conv.amx_bf16() and x.dtype == jnp.bfloat16:
-    dx, grad = gemm_conv.amx_forms(x.shape, kernel.shape, stride, grad)
+    dx, grad = gemm_conv.amx_forms(x.shape, kernel.shape, stride, grad, pads)
   if fwd == grad == dx == "xla":
     return _xla_conv(x, kernel, stride, pads)  # no custom VJP: nothing to gain, fusion intact
   return _conv(x, kernel, stride, pads, fwd, grad, dx)

@@ -340,13 +340,16 @@ def _flat_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def amx_bf16() -> bool:
-  """Whether this host's CPU has AMX bf16 tiles (Intel Sapphire Rapids and later; Linux).
+  """Whether JAX runs on a CPU with AMX bf16 tiles (Intel Sapphire Rapids and later; Linux).
 
   There XLA CPU's bfloat16 GEMMs run on the tiles when their contraction is on both
   operands' minor axis: 1.4 TFLOP/s against 0.32 in float32 on a 2-core VM
   (experiments/README.md, "twenty-third session"), while its bf16 convolutions and its GEMMs
-  over a transposed operand stay near the float32 speed.
+  over a transposed operand stay near the float32 speed. False where the default backend is
+  not the CPU (the CPU-tuned forms forced on a GPU keep their float32-tuned choices).
   """
+  if jax.default_backend() != "cpu":
+    return False
   try:
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
       for line in f:
@@ -357,18 +360,21 @@ def amx_bf16() -> bool:
   return False
 
 
-def amx_forms(x_shape, kernel_shape, stride: int, grad: str) -> tuple[str, str]:
+def amx_forms(x_shape, kernel_shape, stride: int, grad: str,
+              pads: Sequence[tuple[int, int]] = ((0, 0), (0, 0))) -> tuple[str, str]:
   """`(input-gradient form, kernel-gradient form)` of a bfloat16 2D conv on an AMX CPU.
 
-  The input gradient is the full conv of dy with the flipped kernel; where that conv (dy's
-  cout channels in, cin out) takes `row_stacked_conv` it runs on the tiles ('rows': 514-561
+  The input gradient is the full conv of dy with the flipped kernel, whose output frame is
+  the zero-padded input's; where that conv (dy's cout channels in, cin out) takes
+  `row_stacked_conv` it runs on the tiles ('rows': 514-561
   against XLA's 263-292 GFLOP/s on brats2d's 256- and 512-channel layers). Stride-1 wide and
   narrow kernel gradients with 32 or more channels each way become 'flat_t' (`_flat_grad`).
   Otherwise `("xla", grad)`.
   """
   k = kernel_shape[0]
   cin, cout = kernel_shape[-2:]
-  frame = tuple(n + k - 1 for n in x_shape[1:-1])  # dy zero-padded by k - 1 (upper bound)
+  # dy zero-padded by k - 1 on each side: the padded input's frame plus k - 1.
+  frame = tuple(n + lo + hi + k - 1 for n, (lo, hi) in zip(x_shape[1:-1], pads))
   dx = "xla"
   if stride == 1 and forward_form(x_shape[:1] + frame + (cout,), (k, k, cout, cin), 1) == "rows":
     dx = "rows"
