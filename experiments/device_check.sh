@@ -3,7 +3,7 @@
 # bf16 (s/step, GFLOP/s, MFU, device memory) and the largest 3D crop on one card, with and
 # without remat. Each part prints JSON lines into OUT_DIR/<part>.jsonl (stderr beside it).
 #
-#   bash experiments/device_check.sh OUT_DIR [bench] [size] [toy]
+#   bash experiments/device_check.sh OUT_DIR [bench] [fit] [size] [batch] [toy]
 #
 # bench: brats2d and brats3d (one 64³ crop), float32 (TF32 convs under JAX's default
 #   precision) and bf16, XLA's own conv forms (`config.train.conv_forms=auto` off the CPU);
@@ -12,6 +12,11 @@
 #   (its row's device_peak_mb: what the allocator really took); JAX may take 92% of the
 #   card (XLA_PYTHON_CLIENT_MEM_FRACTION). `experiments.gpu_plan` gives the plan without a
 #   card, for comparison;
+# fit: one real brats3d step (timed twice after the first) at each cube of FIT (default
+#   "448:False 484:True", edge:remat: the largest cubes `experiments.gpu_plan` plans within
+#   75% of an H200 in float32, without and with remat), with the allocator's peak: the
+#   size check without `size`'s compilations of the search;
+# batch: brats2d at batch BATCH (default 16), bf16 and float32 (a GPU at batch 1 is idle);
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
 # default 150 s; SIZE_LIMIT_S for size's, twice that), so one slow compile cannot take the
@@ -21,7 +26,7 @@
 # (ignored by git): `python3 -m pip download --no-deps --only-binary=:all: -d .whl
 # ml_collections==1.1.0`; this script installs what it finds there.
 set -u
-out=${1:?usage: device_check.sh OUT_DIR [bench] [size] [toy]}
+out=${1:?usage: device_check.sh OUT_DIR [bench] [fit] [size] [batch] [toy]}
 shift
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(bench size)
@@ -38,8 +43,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-{ nvidia-smi -L 2>/dev/null; $py -c "import jax; print(jax.__version__, jax.devices())"; } \
-    > "$out/devices.txt" 2>&1
+{ nvidia-smi -L 2>/dev/null
+  $py -c "import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__,
+jax.devices())"; } > "$out/devices.txt" 2>&1
 
 # run PART NAME ARGS...: one command, its JSON lines appended to PART.jsonl.
 run() {
@@ -47,17 +53,17 @@ run() {
   shift 2
   local t0=$SECONDS
   local t=$limit
-  [ "$part" = size ] && t=$size_limit
+  case $part in size|fit) t=$size_limit ;; esac
   timeout "$t" "$py" "$@" >> "$out/$part.jsonl" 2>> "$out/$part.err"
   echo "$part $name rc=$? $((SECONDS - t0)) s" >> "$out/summary.txt"
 }
 
-bench() {  # config, steps, then dtypes; into the current part's file
+bench() {  # config, steps, then dtypes; into the current part's file (EXTRA: more flags)
   local cfg=$1 steps=$2
   shift 2
   for dtype in "$@"; do
     run "$part" "$(basename "$cfg" .py)-$dtype" -m experiments.benchmark --config="$cfg" \
-        --steps="$steps" --config.train.dtype="$dtype"
+        --steps="$steps" --config.train.dtype="$dtype" ${EXTRA:-}
   done
 }
 
@@ -68,6 +74,16 @@ for part in "${parts[@]}"; do
       bench configs/brats3d.py 10 bfloat16 float32 ;;
     toy)
       bench configs/toy.py 30 bfloat16 float32 ;;
+    batch)
+      EXTRA="--config.train.batch_size=${BATCH:-16} --eval_volumes=0 --conv_ref=false" \
+          bench configs/brats2d.py 10 bfloat16 float32 ;;
+    fit)
+      for spec in ${FIT:-448:False 484:True}; do
+        edge=${spec%%:*} remat=${spec##*:}
+        run fit "run-$edge-remat=$remat" -m experiments.spatial_scaling \
+            --config=configs/brats3d.py --size="$edge,$edge,$edge" --time_steps=2 \
+            --config.train.remat="$remat"
+      done ;;
     size)
       for remat in False True; do
         run size "budget-remat=$remat" -m experiments.spatial_scaling \
@@ -83,7 +99,7 @@ print(rows[-1].get('max_cubic_edge', 0) if rows else 0)" "$out/size.jsonl")
               --config.train.remat="$remat"
         fi
       done ;;
-    *) echo "unknown part $part (bench, size, toy)" >&2; exit 2 ;;
+    *) echo "unknown part $part (bench, fit, size, batch, toy)" >&2; exit 2 ;;
   esac
 done
 cat "$out/summary.txt"
