@@ -49,6 +49,9 @@ flags.DEFINE_bool("conv_ref", True, "Also time one 256-channel 3x3 conv on 48^2 
 flags.DEFINE_integer("eval_volumes", 1, "Whole volumes to time inference on (0: skip).")
 flags.DEFINE_bool("compile_only", False, "Only compile the step and print XLA's memory plan "
                   "(temporaries, arguments) and the compile time; run nothing.")
+flags.DEFINE_float("gflop_per_step", 0.0, "The step's GFLOP, where XLA's cost analysis gives "
+                   "none (JAX's CUDA backend counts cuDNN convs as -1 or 0): the count that "
+                   "`--compile_only` prints on a CPU for the same config and batch (0: XLA's).")
 flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s in the step's dtype, for "
                    "the MFU column (0: from PEAK_TFLOPS by device kind; none on CPU).")
 flags.mark_flag_as_required("config")
@@ -72,11 +75,17 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
-def _flops(compiled) -> float:
+def _flops(compiled) -> float | None:
+  """XLA's FLOP count of a lowered or compiled computation, or None where it has none.
+
+  JAX's CUDA backend (0.11.2, on an H200) counts its cuDNN convolutions as -1 FLOP or not at
+  all, so a step of convs comes out at 0 or below there: None, not a wrong number.
+  """
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
-  return float(cost.get("flops", 0.0)) if cost else 0.0
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  return flops if flops > 0 else None
 
 
 def _time(fn, steps: int) -> list[float]:
@@ -88,6 +97,12 @@ def _time(fn, steps: int) -> list[float]:
   return times
 
 
+# 2 FLOP per multiply-add of 256 × 256 channels, at each (output, tap) pair that meets the
+# image: (3·48 − 2)² of them per image under SAME padding (XLA CPU's count, checked by
+# tests/perf_tools_test.py; JAX's CUDA backend counts the conv as -1).
+CONV_REF_FLOPS = 2 * (3 * 48 - 2) ** 2 * 256 * 256
+
+
 def conv_reference() -> float:
   """GFLOP/s of one 256→256-channel 3×3 conv on a 48² image (batch 1), the machine's conv
   peak that the whole step is measured against."""
@@ -95,7 +110,7 @@ def conv_reference() -> float:
   k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 256, 256)), jnp.float32)
   f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  flops = _flops(f.lower(x, k).compile())
+  flops = CONV_REF_FLOPS  # XLA's CPU count is the same; its CUDA backend gives -1
   jax.block_until_ready(f(x, k))
   return flops / np.median(_time(lambda: f(x, k), 20)) / 1e9
 
@@ -180,6 +195,17 @@ def count_flops(model, config, state, gbatch, vgg) -> float:
     return _flops(step.lower(state, gbatch, vgg).compile())
 
 
+def step_flops(model, config, state, gbatch, vgg, step) -> float | None:
+  """The step's FLOP count: with the CPU-tuned forms `count_flops`; otherwise XLA's count of
+  the lowered step (no conv loops to unroll; counted before XLA turns convs into library
+  calls). None where the backend counts none (see `_flops`)."""
+  with conv.forms(config.train.conv_forms):
+    cpu_tuned = conv.cpu_tuned()
+  if cpu_tuned:
+    return count_flops(model, config, state, gbatch, vgg)
+  return _flops(step.lower(state, gbatch, vgg))
+
+
 def _config_name() -> str:
   value = FLAGS["config"].value
   return value if isinstance(value, str) else str(FLAGS["config"].config_filename)
@@ -214,8 +240,11 @@ def main(argv):
   host_memory.release_after_compile()  # as train.py does between compiling and the first step
   rss_after_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   if FLAGS.compile_only:  # a minute on brats2d, where the full benchmark takes several
+    flops = step_flops(model, config, state, gbatch, vgg, step)
     print(json.dumps({"config": _config_name(), "remat": bool(config.train.remat),
                       "recompute_elementwise": bool(config.train.recompute_elementwise),
+                      "batch": list(gbatch["src"].shape),
+                      "gflop_per_step": flops / 1e9 if flops else None,
                       "compile_s": compile_s, "peak_rss_compile_mb": rss_after_compile,
                       **_xla_memory(compiled)}))
     return
@@ -252,14 +281,12 @@ def main(argv):
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   out["device_peak_mb"] = sharding.device_peak_mb()
   out.update(_xla_memory(compiled))
-  if cpu_tuned:
-    flops = count_flops(model, config, state, gbatch, vgg)
-  else:  # no conv loops to unroll; counted before XLA turns convs into library calls
-    flops = _flops(step.lower(state, gbatch, vgg))
-  out["gflop_per_step"], out["achieved_gflops"] = flops / 1e9, flops / 1e9 / sec
+  flops = FLAGS.gflop_per_step * 1e9 or step_flops(model, config, state, gbatch, vgg, step)
+  out["gflop_per_step"] = flops / 1e9 if flops else None
+  out["achieved_gflops"] = flops / 1e9 / sec if flops else None
   peak = FLAGS.peak_tflops or peak_tflops(jax.devices()[0].device_kind, str(config.train.dtype))
   out["peak_tflops"] = peak
-  out["mfu"] = flops / sec / (peak * 1e12) if peak else None
+  out["mfu"] = flops / sec / (peak * 1e12) if peak and flops else None
   if FLAGS.eval_volumes > 0:
     out["eval_volumes_per_s"] = eval_throughput(model, state["params"], config,
                                                 FLAGS.eval_volumes)
@@ -267,7 +294,8 @@ def main(argv):
     conv_refs.append(conv_reference())
     out["conv_ref_readings"] = conv_refs
     out["conv_ref_gflops"] = max(conv_refs)
-    out["fraction_of_conv_ref"] = out["achieved_gflops"] / out["conv_ref_gflops"]
+    out["fraction_of_conv_ref"] = (out["achieved_gflops"] / out["conv_ref_gflops"]
+                                   if flops else None)
   print(json.dumps(out))
 
 

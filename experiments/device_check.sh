@@ -32,7 +32,8 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(bench size)
 mkdir -p "$out"
 limit=${LIMIT_S:-150}
-size_limit=${SIZE_LIMIT_S:-$((2 * limit))}  # up to five compilations of brats3d each
+# up to five compilations of brats3d each; one real step at 448³ (fit) took over 200 s
+size_limit=${SIZE_LIMIT_S:-$((2 * limit))}
 budget=${BUDGET_GB:-120}
 size=${SIZE:-64,64,64}  # the first measured volume of `size` (a smaller one for a dry run)
 py=${PYTHON:-python3}
@@ -61,6 +62,11 @@ run() {
 bench() {  # config, steps, then dtypes; into the current part's file (EXTRA: more flags)
   local cfg=$1 steps=$2
   shift 2
+  # JAX's CUDA backend counts no FLOPs for cuDNN's convs: the same step's count comes from
+  # the CPU, XLA's own conv forms (the GPU's program), compiled beside the GPU runs.
+  JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES="" timeout "$limit" "$py" -m experiments.benchmark \
+      --config="$cfg" --compile_only --config.train.conv_forms=xla ${EXTRA:-} \
+      >> "$out/counts.jsonl" 2>> "$out/counts.err" &
   for dtype in "$@"; do
     run "$part" "$(basename "$cfg" .py)-$dtype" -m experiments.benchmark --config="$cfg" \
         --steps="$steps" --config.train.dtype="$dtype" ${EXTRA:-}
@@ -102,4 +108,20 @@ print(rows[-1].get('max_cubic_edge', 0) if rows else 0)" "$out/size.jsonl")
     *) echo "unknown part $part (bench, fit, size, batch, toy)" >&2; exit 2 ;;
   esac
 done
+wait  # the FLOP counts
+# Each benchmark row with the CPU's count for its config and batch: TFLOP/s and MFU.
+[ -f "$out/counts.jsonl" ] && "$py" - "$out" >> "$out/summary.txt" <<'EOF'
+import glob, json, os, sys
+rows = lambda f: [json.loads(l) for l in open(f) if l.startswith("{")]
+counts = {(r["config"], tuple(r["batch"])): r["gflop_per_step"]
+          for r in rows(os.path.join(sys.argv[1], "counts.jsonl"))}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.jsonl"))):
+  for r in rows(f) if not f.endswith("counts.jsonl") else []:
+    g = counts.get((r.get("config"), tuple(r.get("batch", ()))))
+    if g and r.get("sec_per_step"):
+      tf = g / r["sec_per_step"] / 1e3
+      mfu = f"{tf / r['peak_tflops']:.1%}" if r.get("peak_tflops") else "-"
+      print(f"{r['config']} {r['dtype']} batch {r['batch']}: {r['sec_per_step'] * 1e3:.2f} "
+            f"ms/step, {g:.1f} GFLOP, {tf:.1f} TFLOP/s, MFU {mfu}")
+EOF
 cat "$out/summary.txt"

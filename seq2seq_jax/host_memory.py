@@ -45,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import platform
@@ -84,10 +85,26 @@ def use_cpu_fusion_emitters(on: bool) -> None:
   589–661 MB peak RSS while compiling) at the same step time, but take about twice as long
   (19–25 vs 11–12 s); on small models the compile sets much of the process's peak.
   Before the first computation, as `use_lean_cpu_scheduler`. A value already in XLA_FLAGS wins.
+  With jaxlib 0.11 or newer this does nothing: their XLA has only the MLIR emitters, and an
+  unknown flag in XLA_FLAGS aborts the process (seen with 0.11.2, the toy config on an H200).
   """
   global _emitters_off_here
-  if not on and _add_xla_flag(_FUSION_EMITTERS_FLAG, False):  # on is XLA's default
+  if on or not xla_has_older_cpu_emitters():  # on is XLA's default
+    return
+  if _add_xla_flag(_FUSION_EMITTERS_FLAG, False):
     _emitters_off_here = True
+
+
+def xla_has_older_cpu_emitters(jaxlib_version: str | None = None) -> bool:
+  """Whether the installed jaxlib's XLA still has `--xla_cpu_use_fusion_emitters` (before
+  0.11). Read from the package's metadata: this runs before JAX is imported."""
+  if jaxlib_version is None:
+    try:
+      jaxlib_version = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+      return False
+  m = re.match(r"(\d+)\.(\d+)", jaxlib_version)
+  return bool(m) and (int(m.group(1)), int(m.group(2))) < (0, 11)
 
 
 _emitters_off_here = False  # whether use_cpu_fusion_emitters(False) set the flag

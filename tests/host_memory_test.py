@@ -162,6 +162,18 @@ def test_configure_cpu_host_sets_what_the_train_fields_ask(monkeypatch, remat, e
       {} if elementwise else {"xla_cpu_use_fusion_emitters": True})
 
 
+def test_fusion_emitters_flag_only_for_an_xla_that_has_it(monkeypatch):
+  assert host_memory.xla_has_older_cpu_emitters("0.10.2")
+  assert not host_memory.xla_has_older_cpu_emitters("0.11.2")
+  assert not host_memory.xla_has_older_cpu_emitters("1.0.0")
+  # jaxlib 0.11's XLA aborts on the flag it no longer has: none is set there.
+  monkeypatch.setattr(host_memory, "_emitters_off_here", False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setattr(host_memory.importlib.metadata, "version", lambda name: "0.11.2")
+  host_memory.use_cpu_fusion_emitters(False)
+  assert os.environ["XLA_FLAGS"] == "" and host_memory.one_off_compile_options() == {}
+
+
 def test_one_off_compile_options_leave_a_users_own_flag(monkeypatch):
   monkeypatch.setattr(host_memory, "_emitters_off_here", False)
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")

@@ -34,6 +34,18 @@ def test_benchmark_prints_one_json_line_with_the_step_figures():
                          "--config.train.cpu_heap_reuse=True").strip().splitlines()[-1])
   assert plan["xla_temp_mb"] == row["xla_temp_mb"] and plan["xla_args_mb"] == row["xla_args_mb"]
   assert "sec_per_step" not in plan and plan["compile_s"] > 0
+  # and the step's FLOP count, which a GPU run takes as --gflop_per_step (its own is none).
+  assert plan["gflop_per_step"] == row["gflop_per_step"] and plan["batch"] == row["batch"]
+
+
+def test_conv_reference_flops_are_xlas_count():
+  import jax
+  import jax.numpy as jnp
+  from experiments import benchmark
+  f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  lowered = f.lower(jnp.zeros((1, 48, 48, 256)), jnp.zeros((3, 3, 256, 256)))
+  assert benchmark._flops(lowered.compile()) == benchmark.CONV_REF_FLOPS
 
 
 def test_profiler_attributes_kernels_to_layers(tmp_path):
