@@ -3,7 +3,7 @@
 # bf16 (s/step, GFLOP/s, MFU, device memory) and the largest 3D crop on one card, with and
 # without remat. Each part prints JSON lines into OUT_DIR/<part>.jsonl (stderr beside it).
 #
-#   bash experiments/device_check.sh OUT_DIR [bench] [fit] [size] [batch] [toy]
+#   bash experiments/device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [toy]
 #
 # bench: brats2d and brats3d (one 64³ crop), float32 (TF32 convs under JAX's default
 #   precision) and bf16, XLA's own conv forms (`config.train.conv_forms=auto` off the CPU);
@@ -17,6 +17,10 @@
 #   75% of an H200 in float32, without and with remat), with the allocator's peak: the
 #   size check without `size`'s compilations of the search;
 # batch: brats2d at batch BATCH (default 16), bf16 and float32 (a GPU at batch 1 is idle);
+# profile: `experiments.profile_step` (3 traced steps) on each CONFIG:DTYPE of PROFILE
+#   (default "brats2d:bfloat16 brats3d:float32"); its table in profile.jsonl, and the
+#   perfetto traces with the steps' HLO in profile.tgz, to sum up elsewhere
+#   (`profile_step --analyze=TRACE,HLO`);
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
 # default 150 s; SIZE_LIMIT_S for size's, twice that), so one slow compile cannot take the
@@ -26,7 +30,7 @@
 # (ignored by git): `python3 -m pip download --no-deps --only-binary=:all: -d .whl
 # ml_collections==1.1.0`; this script installs what it finds there.
 set -u
-out=${1:?usage: device_check.sh OUT_DIR [bench] [fit] [size] [batch] [toy]}
+out=${1:?usage: device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [toy]}
 shift
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(bench size)
@@ -83,6 +87,17 @@ for part in "${parts[@]}"; do
     batch)
       EXTRA="--config.train.batch_size=${BATCH:-16} --eval_volumes=0 --conv_ref=false" \
           bench configs/brats2d.py 10 bfloat16 float32 ;;
+    profile)
+      rm -rf /tmp/seq2seq_prof && mkdir -p /tmp/seq2seq_prof
+      for spec in ${PROFILE:-brats2d:bfloat16 brats3d:float32}; do
+        name=${spec%%:*}-${spec##*:} p=/tmp/seq2seq_prof/${spec%%:*}-${spec##*:}
+        run profile "$name" -m experiments.profile_step --config="configs/${spec%%:*}.py" \
+            --config.train.dtype="${spec##*:}" --steps=3 --top=40 --trace_dir="$p" \
+            --hlo_out="$p.hlo"
+        trace=$(ls "$p"/*/plugins/profile/*/perfetto_trace.json.gz 2>/dev/null | tail -1)
+        [ -n "$trace" ] && cp "$trace" "$p.trace.json.gz"
+      done
+      (cd /tmp/seq2seq_prof && tar -czf - ./*.hlo ./*.trace.json.gz) > "$out/profile.tgz" ;;
     fit)
       for spec in ${FIT:-448:False 484:True}; do
         edge=${spec%%:*} remat=${spec##*:}
@@ -105,7 +120,7 @@ print(rows[-1].get('max_cubic_edge', 0) if rows else 0)" "$out/size.jsonl")
               --config.train.remat="$remat"
         fi
       done ;;
-    *) echo "unknown part $part (bench, fit, size, batch, toy)" >&2; exit 2 ;;
+    *) echo "unknown part $part (bench, fit, size, batch, profile, toy)" >&2; exit 2 ;;
   esac
 done
 wait  # the FLOP counts

@@ -42,6 +42,10 @@ from seq2seq_jax import train_step as ts
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("top", 25, "Layers to list.")
 flags.DEFINE_string("trace_dir", "/tmp/seq2seq_profile", "Where the trace is written.")
+flags.DEFINE_string("hlo_out", None, "Also write the compiled step's HLO text there, so that "
+                    "the trace can be summed up elsewhere (--analyze).")
+flags.DEFINE_list("analyze", None, "TRACE,HLO: only sum up a kept perfetto trace of --steps "
+                  "steps with its --hlo_out text (e.g. one taken on a GPU machine); run nothing.")
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -95,15 +99,24 @@ def layer_of(op_name: str) -> str:
   return f"{direction:8s} {'/'.join(mods) or '-'} {parts[-1]}"
 
 
+def _instruction(event: dict, names: dict) -> str | None:
+  """The HLO instruction a trace event ran: its name on the CPU; a GPU kernel event is named
+  by its CUDA kernel and carries the instruction as `args.hlo_op`."""
+  if event.get("name") in names:
+    return event["name"]
+  op = (event.get("args") or {}).get("hlo_op")
+  return op if op in names else None
+
+
 def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int):
   events = json.load(gzip.open(trace_file))
   events = events["traceEvents"] if isinstance(events, dict) else events
-  kernels = [e for e in events if e.get("ph") == "X" and e.get("name") in names]
+  kernels = [e for e in events if e.get("ph") == "X" and _instruction(e, names)]
   walls = [e["dur"] for e in events if e.get("ph") == "X" and
            e.get("name") == "ThunkExecutor::Execute (wait for completion)"]
   by_layer, by_kind = collections.Counter(), collections.Counter()
   for e in kernels:
-    op, kind = names[e["name"]]
+    op, kind = names[_instruction(e, names)]
     by_layer[layer_of(op)] += e["dur"]
     by_kind[re.sub(r"[.\d]+$", "", e["name"]) if kind == "fusion" else kind] += e["dur"]
   spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
@@ -143,13 +156,33 @@ def busy_threads(before: dict[str, float], after: dict[str, float], wall: float,
   return sorted((s for s in shares if s[1] >= min_share), key=lambda s: -s[1])
 
 
+def report(by_layer, by_kind, n: int) -> None:
+  total = sum(by_kind.values())
+  print("\nms/step  share  layer (pass, module, primitive)")
+  for k, v in by_layer.most_common(FLAGS.top):
+    print(f"{v / n / 1e3:7.2f}  {v / total * 100:4.1f}%  {k}")
+  print("\nms/step  kernel kind")
+  for k, v in by_kind.most_common(12):
+    print(f"{v / n / 1e3:7.2f}  {k}")
+
+
 def main(argv):
   del argv
+  if FLAGS.analyze:
+    trace_file, hlo_file = FLAGS.analyze
+    with open(hlo_file) as f:
+      by_layer, by_kind, _, _ = summarize(trace_file, hlo_op_names(f.read()), FLAGS.steps)
+    print(f"# {trace_file}: kernels {sum(by_kind.values()) / FLAGS.steps / 1e3:.1f} ms/step")
+    report(by_layer, by_kind, FLAGS.steps)
+    return
   config = FLAGS.config
   host_memory.configure_cpu_host(config.train)  # as main.py, before XLA's backend starts
   config.train.lambda_per = 0.0
   _, state, gbatch, step, codes = benchmark.build_step(config, FLAGS.codes)
   compiled = ts.compile_step(step, state, gbatch, None)
+  if FLAGS.hlo_out:
+    with open(FLAGS.hlo_out, "w") as f:
+      f.write(compiled.as_text())
   for _ in range(3):
     state, m = compiled(state, gbatch, None)
   jax.block_until_ready(m)
@@ -186,13 +219,8 @@ def main(argv):
     print(f"# CPU time / wall time over {untraced} untraced steps: " +
           ", ".join(f"{name} {share:.0%}" for name, share in busy) +
           f" ({sum(share for _, share in busy):.2f} cores)")
-  print(f"# trace: {run_dir}")
-  print("\nms/step  share  layer (pass, module, primitive)")
-  for k, v in by_layer.most_common(FLAGS.top):
-    print(f"{v / n / 1e3:7.2f}  {v / total * 100:4.1f}%  {k}")
-  print("\nms/step  kernel kind")
-  for k, v in by_kind.most_common(12):
-    print(f"{v / n / 1e3:7.2f}  {k}")
+  print(f"# trace: {trace[-1]}")
+  report(by_layer, by_kind, n)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_conv_reference_flops_are_xlas_count():
 
 def test_profiler_attributes_kernels_to_layers(tmp_path):
   text = _run("experiments.profile_step", "--steps=1", "--top=200",
-              f"--trace_dir={tmp_path}")
+              f"--trace_dir={tmp_path}", f"--hlo_out={tmp_path / 'step.hlo'}")
   assert "ms/step in XLA's executor" in text
   # At least a second of untraced steps, so /proc's 10 ms ticks see the busy threads.
   assert re.search(r"# CPU time / wall time over \d+ untraced steps: \S+ \d+%", text), text
@@ -58,7 +58,13 @@ def test_profiler_attributes_kernels_to_layers(tmp_path):
   # Forward and backward kernels of named layers, e.g. the decoder's output conv.
   assert any(l.startswith("forward  decoder/conv_last") for l in layers), layers
   assert any(l.startswith("backward") for l in layers)
-  assert list(tmp_path.glob("*/plugins/profile/*/perfetto_trace.json.gz"))
+  trace = re.search(r"^# trace: (\S+)$", text, re.M).group(1)
+  assert trace in map(str, tmp_path.glob("*/plugins/profile/*/perfetto_trace.json.gz"))
+  # The kept trace and HLO text, summed up again without running anything (as for a trace
+  # taken on a GPU machine), give the same table.
+  again = _run("experiments.profile_step", "--steps=1", "--top=200",
+               f"--analyze={trace},{tmp_path / 'step.hlo'}")
+  assert again.split("\nms/step  share")[1] == text.split("\nms/step  share")[1]
 
 
 def test_layer_names():
