@@ -101,7 +101,10 @@ for part in "${parts[@]}"; do
     fit)
       for spec in ${FIT:-448:False 484:True}; do
         edge=${spec%%:*} remat=${spec##*:}
-        run fit "run-$edge-remat=$remat" -m experiments.spatial_scaling \
+        # FIT_XLA_FLAGS, e.g. --xla_gpu_autotune_level=0: cuDNN's heuristic algorithms
+        # instead of timing every one at that size (not yet tried).
+        XLA_FLAGS="${XLA_FLAGS:-} ${FIT_XLA_FLAGS:-}" run fit "run-$edge-remat=$remat" \
+            -m experiments.spatial_scaling \
             --config=configs/brats3d.py --size="$edge,$edge,$edge" --time_steps=2 \
             --config.train.remat="$remat"
       done ;;
