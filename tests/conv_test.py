@@ -179,8 +179,12 @@ def _loop_starts(closed_jaxpr, shapes) -> list[str]:
     producer = {v: e.primitive.name for e in jaxpr.eqns for v in e.outvars}
     for e in jaxpr.eqns:
       if e.primitive.name == "scan":
-        lo = e.params["num_consts"]
-        for v in e.invars[lo:lo + e.params["num_carry"]]:
+        if "num_consts" in e.params:
+          lo, n = e.params["num_consts"], e.params["num_carry"]
+        else:  # jax 0.11: `ft_in`, a flat tree of the (consts, carry, xs) operands
+          consts, carry = e.params["ft_in"].elts[:2]
+          lo, n = len(consts), len(carry)
+        for v in e.invars[lo:lo + n]:
           if tuple(v.aval.shape) in shapes:
             found.append(producer.get(v, "input"))
       for p in e.params.values():
