@@ -211,10 +211,15 @@ def main(argv):
                                                   FLAGS.steps)
   n = FLAGS.steps
   total = sum(by_kind.values())
-  print(f"# {config.model.ndims}D, batch {list(gbatch['src'].shape)}, codes {codes}: "
-        f"{exec_us / n / 1e3:.1f} ms/step in XLA's executor ({wall * 1e3:.1f} ms wall with "
-        f"the profiler's own overhead), kernels {total / n / 1e3:.1f} ms/step summed over "
-        f"threads, some kernel running {covered / max(exec_us, 1) * 100:.0f}% of the time")
+  head = f"# {config.model.ndims}D, batch {list(gbatch['src'].shape)}, codes {codes}: "
+  if exec_us:  # XLA CPU's executor spans; a GPU trace has none
+    print(head + f"{exec_us / n / 1e3:.1f} ms/step in XLA's executor ({wall * 1e3:.1f} ms "
+          f"wall with the profiler's own overhead), kernels {total / n / 1e3:.1f} ms/step "
+          f"summed over threads, some kernel running {covered / exec_us * 100:.0f}% of the "
+          "time")
+  else:
+    print(head + f"{wall * 1e3:.1f} ms/step wall with the profiler's own overhead, kernels "
+          f"{total / n / 1e3:.1f} ms/step, some kernel running {covered / n / 1e3:.1f} ms")
   if busy:
     print(f"# CPU time / wall time over {untraced} untraced steps: " +
           ", ".join(f"{name} {share:.0%}" for name, share in busy) +
