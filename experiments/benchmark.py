@@ -48,7 +48,7 @@ flags.DEFINE_bool("conv_ref", True, "Also time one 256-channel 3x3 conv on 48^2 
                   "before and after the step; the higher reading is the reference.")
 flags.DEFINE_integer("eval_volumes", 1, "Whole volumes to time inference on (0: skip).")
 flags.DEFINE_bool("compile_only", False, "Only compile the step and print XLA's memory plan "
-                  "(temporaries, arguments) and the compile time; run nothing.")
+                  "(temporaries, arguments), its FLOP count and the compile time; run nothing.")
 flags.DEFINE_float("gflop_per_step", 0.0, "The step's GFLOP, where XLA's cost analysis gives "
                    "none (JAX's CUDA backend counts cuDNN convs as -1 or 0): the count that "
                    "`--compile_only` prints on a CPU for the same config and batch (0: XLA's).")
@@ -180,7 +180,7 @@ def _make_step(model, config, mesh, state_sh, batch):
                             {k: v.ndim for k, v in batch.items()})
 
 
-def count_flops(model, config, state, gbatch, vgg) -> float:
+def count_flops(model, config, state, gbatch, vgg) -> float | None:
   """XLA's FLOP count of the benchmark's step, with its conv tile/chunk loops unrolled.
 
   XLA's cost analysis counts a while loop's body once, so the compiled step's own count
