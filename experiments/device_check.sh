@@ -23,12 +23,15 @@
 #   (`profile_step --analyze=TRACE,HLO`);
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
-# default 150 s; SIZE_LIMIT_S for size's, twice that), so one slow compile cannot take the
-# whole run.
+# default 150 s; SIZE_LIMIT_S for size's and fit's, twice that), so one slow compile cannot
+# take the whole run. On one H200 (twenty-fourth session): each bench command 33–52 s, fit
+# at 256³ 69 s, at 448³ over 200 s.
 #
-# On a machine without ml_collections (this workplace's CUDA image), carry its wheel in .whl/
-# (ignored by git): `python3 -m pip download --no-deps --only-binary=:all: -d .whl
-# ml_collections==1.1.0`; this script installs what it finds there.
+# This workplace's CUDA image has JAX 0.11.2 and no ml_collections: carry wheels in .whl/
+# (ignored by git), as that session did: `python3 -m pip download --no-deps
+# --only-binary=:all: -d .whl ml_collections==1.1.0 flax==0.12.8 optax==0.2.8` (flax and
+# optax at the versions the tests run, in place of the image's own); this script installs
+# what it finds there.
 set -u
 out=${1:?usage: device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [toy]}
 shift
