@@ -67,6 +67,26 @@ def test_profiler_attributes_kernels_to_layers(tmp_path):
   assert again.split("\nms/step  share")[1] == text.split("\nms/step  share")[1]
 
 
+def test_gpu_kernel_events_are_matched_by_their_hlo_op(tmp_path):
+  """A GPU trace names a kernel after its CUDA function and carries the HLO instruction as
+  `args.hlo_op`; a CPU trace names it after the instruction."""
+  import gzip
+  events = [{"ph": "X", "name": "sm90_xmma_fprop_implicit_gemm", "ts": 0, "dur": 30,
+             "args": {"hlo_op": "custom-call.7"}},
+            {"ph": "X", "name": "fusion.3", "ts": 40, "dur": 10},
+            {"ph": "X", "name": "cudaLaunchKernel", "ts": 0, "dur": 5, "args": {}}]
+  trace = tmp_path / "t.json.gz"
+  with gzip.open(trace, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  names = {"custom-call.7": ("jit(step)/jvp(Generator)/encoder/conv_0/conv_general_dilated",
+                             "custom-call"),
+           "fusion.3": ("jit(step)/transpose(jvp(Generator))/decoder/norm/mul", "fusion")}
+  by_layer, by_kind, covered, _ = profile_step.summarize(str(trace), names, 1)
+  assert by_layer == {"forward  encoder/conv_0 conv_general_dilated": 30,
+                      "backward decoder/norm mul": 10}
+  assert by_kind == {"custom-call": 30, "fusion": 10} and covered == 40
+
+
 def test_layer_names():
   assert profile_step.layer_of(
       "jit(step)/transpose(jvp(Generator.decode))/decoder/conv_last/dot_general") == (
