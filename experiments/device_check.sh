@@ -93,7 +93,7 @@ for part in "${parts[@]}"; do
     profile)
       rm -rf /tmp/seq2seq_prof && mkdir -p /tmp/seq2seq_prof
       for spec in ${PROFILE:-brats2d:bfloat16 brats3d:float32}; do
-        name=${spec%%:*}-${spec##*:} p=/tmp/seq2seq_prof/${spec%%:*}-${spec##*:}
+        name=${spec%%:*}-${spec##*:} p=/tmp/seq2seq_prof/$name
         run profile "$name" -m experiments.profile_step --config="configs/${spec%%:*}.py" \
             --config.train.dtype="${spec##*:}" --steps=3 --top=40 --trace_dir="$p" \
             --hlo_out="$p.hlo"

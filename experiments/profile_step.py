@@ -111,15 +111,16 @@ def _instruction(event: dict, names: dict) -> str | None:
 def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int):
   events = json.load(gzip.open(trace_file))
   events = events["traceEvents"] if isinstance(events, dict) else events
-  kernels = [e for e in events if e.get("ph") == "X" and _instruction(e, names)]
-  walls = [e["dur"] for e in events if e.get("ph") == "X" and
-           e.get("name") == "ThunkExecutor::Execute (wait for completion)"]
+  complete = [e for e in events if e.get("ph") == "X"]
+  kernels = [(e, i) for e in complete if (i := _instruction(e, names))]
+  walls = [e["dur"] for e in complete
+           if e.get("name") == "ThunkExecutor::Execute (wait for completion)"]
   by_layer, by_kind = collections.Counter(), collections.Counter()
-  for e in kernels:
-    op, kind = names[_instruction(e, names)]
+  for e, instruction in kernels:
+    op, kind = names[instruction]
     by_layer[layer_of(op)] += e["dur"]
     by_kind[re.sub(r"[.\d]+$", "", e["name"]) if kind == "fusion" else kind] += e["dur"]
-  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e, _ in kernels)
   covered, end = 0.0, -1.0
   for a, b in spans:
     covered += max(0.0, b - max(a, end))

@@ -366,10 +366,9 @@ def amx_forms(x_shape, kernel_shape, stride: int, grad: str,
 
   The input gradient is the full conv of dy with the flipped kernel, whose output frame is
   the zero-padded input's; where that conv (dy's cout channels in, cin out) takes
-  `row_stacked_conv` it runs on the tiles ('rows': 514-561
-  against XLA's 263-292 GFLOP/s on brats2d's 256- and 512-channel layers). Stride-1 wide and
-  narrow kernel gradients with 32 or more channels each way become 'flat_t' (`_flat_grad`).
-  Otherwise `("xla", grad)`.
+  `row_stacked_conv` it runs on the tiles ('rows': 514-561 against XLA's 263-292 GFLOP/s on
+  brats2d's 256- and 512-channel layers). Stride-1 wide and narrow kernel gradients with 32
+  or more channels each way become 'flat_t' (`_flat_grad`). Otherwise `("xla", grad)`.
   """
   k = kernel_shape[0]
   cin, cout = kernel_shape[-2:]
