@@ -132,6 +132,11 @@ def largest_cube(model, params, c_s, n, stride, shape, used0):
           "compiled_edges": [e for e in r["evaluated"] if (e, e, e) != size]}
 
 
+def _progress(t_start, what):
+  # On stderr as it happens: a run killed by its time limit still says how far it got.
+  print(f"[{time.perf_counter() - t_start:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def main(argv):
   del argv
   config = FLAGS.config
@@ -153,15 +158,20 @@ def main(argv):
   ref = None
   n = 1
   while n <= jax.device_count() and shape[2] % (n * stride) == 0:
+    t_start = time.perf_counter()
     compiled, mesh = compiled_for(model, params, shape, n, c_s)
+    _progress(t_start, f"{n} shard(s) of {shape[2:5]}: compiled, XLA plans "
+              f"{per_device_bytes(compiled) / 2 ** 20:.0f} MB per device")
     args = (jax.device_put(params, NamedSharding(mesh, P())),
             jax.device_put(x, NamedSharding(mesh, P(None, None, "spatial"))))
-    loss, grads, out = compiled(*args)
+    loss, grads, out = jax.block_until_ready(compiled(*args))
+    _progress(t_start, "first step done")
     times = []
     for _ in range(FLAGS.time_steps):
       t0 = time.perf_counter()
       jax.block_until_ready(compiled(*args))
       times.append(time.perf_counter() - t0)
+      _progress(t_start, f"timed step {times[-1]:.3f} s")
     out = np.asarray(out)
     g = np.concatenate([np.asarray(a).ravel() for a in jax.tree_util.tree_leaves(grads)])
     if ref is None:
