@@ -85,6 +85,22 @@ def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
   return out
 
 
+def kernel_groups(hlo_text: str) -> dict[str, list[str]]:
+  """Instruction -> the instructions sharing its GPU kernel, in the HLO's (schedule) order.
+
+  XLA GPU compiles identical fusions once (`deduplicated_name`); a CUDA graph's trace names
+  only the shared kernel, whose launches in a step follow the schedule.
+  """
+  group, members = {}, collections.defaultdict(list)
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*%?([\w.\-]+) = \S+ \w+\(", line)
+    if m:
+      d = re.search(r'deduplicated_name="([^"]+)"', line)
+      group[m.group(1)] = d.group(1) if d else m.group(1)
+      members[group[m.group(1)]].append(m.group(1))
+  return {i: members[g] for i, g in group.items() if len(members[g]) > 1}
+
+
 def layer_of(op_name: str) -> str:
   """'jit(step)/transpose(jvp(Generator.decode))/decoder/conv_last/dot_general' ->
   'backward decoder/conv_last dot_general' (module path, pass, primitive)."""
@@ -100,26 +116,89 @@ def layer_of(op_name: str) -> str:
 
 
 def _instruction(event: dict, names: dict) -> str | None:
-  """The HLO instruction a trace event ran: its name on the CPU; a GPU kernel event is named
-  by its CUDA kernel and carries the instruction as `args.hlo_op`."""
+  """The HLO instruction a trace event ran: its name on the CPU. A GPU kernel event is named
+  by its CUDA function and carries the instruction as `args.hlo_op`, except inside a CUDA
+  graph (XLA's command buffers), where `hlo_op` names the graph and an XLA kernel's name is
+  its fusion's, '_' for '.' ('input_reduce_fusion_555' ran 'input_reduce_fusion.555')."""
   if event.get("name") in names:
     return event["name"]
   op = (event.get("args") or {}).get("hlo_op")
-  return op if op in names else None
+  if op in names:
+    return op
+  dotted = re.sub(r"_(\d+)$", r".\1", event.get("name", ""))
+  return dotted if op and dotted in names else None
 
 
-def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int):
+def _is_gpu_kernel(event: dict) -> bool:
+  op = (event.get("args") or {}).get("hlo_op")
+  return bool(op) and op != event.get("name")
+
+
+def gpu_kind(kernel: str) -> str:
+  """A GPU kernel's kind from its CUDA function's name: cuDNN's convolution phases and its
+  own layout transposes (channels-first tensors into the NHWC its kernels read), GEMMs,
+  copies, else the XLA fusion it is ('loop_add_fusion_15' -> 'loop_add_fusion')."""
+  k = kernel.lower()
+  for part, kind in (("tonhwc", "cuDNN layout transpose"), ("tonchw", "cuDNN layout transpose"),
+                     ("fprop", "cuDNN conv forward"), ("dgrad", "cuDNN conv input gradient"),
+                     ("wgrad", "cuDNN conv kernel gradient"), ("gemv", "GEMV"), ("gemm", "GEMM"),
+                     ("cudnn", "cuDNN other"), ("xmma", "cuDNN other"),
+                     ("convolve", "cuDNN conv other"), ("memcpy", "memcpy/memset"),
+                     ("memset", "memcpy/memset")):
+    if part in k:
+      return kind
+  return re.sub(r"_\d+$", "", re.split(r"[<(]", kernel)[0].removeprefix("void "))
+
+
+def _by_launch_order(kernels: list, groups: dict[str, list[str]], steps: int) -> None:
+  """Gives each launch of a shared kernel named only by its name (inside a CUDA graph) the
+  instruction it ran: the i-th launch in a step is the group's i-th instruction (of those
+  not launched outside a graph), where the launches number exactly `steps` times those
+  (else they stay with the named one)."""
+  launches = collections.defaultdict(list)
+  exact = set()  # launched outside any graph, so named by the trace itself
+  for j, (e, i) in enumerate(kernels):
+    if i and (e.get("args") or {}).get("hlo_op") == i:
+      exact.add(i)
+    elif i in groups:
+      launches[e["name"]].append(j)
+  for js in launches.values():
+    members = [m for m in groups[kernels[js[0]][1]] if m not in exact]
+    if len(js) == steps * len(members):
+      js.sort(key=lambda j: kernels[j][0]["ts"])
+      for n, j in enumerate(js):
+        kernels[j] = (kernels[j][0], members[n % len(members)])
+
+
+def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int,
+              groups: dict[str, list[str]] | None = None):
+  """Kernel time per layer and per kind (microseconds over the trace's `steps` steps), the
+  time some kernel was running, and XLA CPU's executor wall time (0 for a GPU trace).
+
+  A GPU kernel whose instruction the trace does not say (a library kernel inside a CUDA
+  graph) is counted under '(CUDA graph)' and its kind, so that the totals are all the GPU's;
+  `groups` (`kernel_groups`) places a shared XLA kernel's launches inside one.
+  """
   events = json.load(gzip.open(trace_file))
   events = events["traceEvents"] if isinstance(events, dict) else events
   complete = [e for e in events if e.get("ph") == "X"]
-  kernels = [(e, i) for e in complete if (i := _instruction(e, names))]
+  if any(_is_gpu_kernel(e) for e in complete):
+    # Only the GPU's kernels: the host's spans named after an instruction are its launches.
+    kernels = [(e, _instruction(e, names)) for e in complete if _is_gpu_kernel(e)]
+    _by_launch_order(kernels, groups or {}, steps)
+  else:
+    kernels = [(e, i) for e in complete if (i := _instruction(e, names))]
   walls = [e["dur"] for e in complete
            if e.get("name") == "ThunkExecutor::Execute (wait for completion)"]
   by_layer, by_kind = collections.Counter(), collections.Counter()
   for e, instruction in kernels:
-    op, kind = names[instruction]
-    by_layer[layer_of(op)] += e["dur"]
-    by_kind[re.sub(r"[.\d]+$", "", e["name"]) if kind == "fusion" else kind] += e["dur"]
+    op, kind = names[instruction] if instruction else ("", "")
+    if _is_gpu_kernel(e):
+      kind = gpu_kind(e["name"])
+    elif kind == "fusion":
+      kind = re.sub(r"[.\d]+$", "", e["name"])
+    by_layer[layer_of(op) if instruction else f"(CUDA graph) {kind}"] += e["dur"]
+    by_kind[kind] += e["dur"]
   spans = sorted((e["ts"], e["ts"] + e["dur"]) for e, _ in kernels)
   covered, end = 0.0, -1.0
   for a, b in spans:
@@ -172,7 +251,9 @@ def main(argv):
   if FLAGS.analyze:
     trace_file, hlo_file = FLAGS.analyze
     with open(hlo_file) as f:
-      by_layer, by_kind, _, _ = summarize(trace_file, hlo_op_names(f.read()), FLAGS.steps)
+      hlo = f.read()
+    by_layer, by_kind, _, _ = summarize(trace_file, hlo_op_names(hlo), FLAGS.steps,
+                                        kernel_groups(hlo))
     print(f"# {trace_file}: kernels {sum(by_kind.values()) / FLAGS.steps / 1e3:.1f} ms/step")
     report(by_layer, by_kind, FLAGS.steps)
     return
@@ -208,8 +289,9 @@ def main(argv):
   trace = sorted(glob.glob(os.path.join(run_dir, "plugins/profile/*/perfetto_trace.json.gz")))
   if not trace:
     raise RuntimeError(f"jax.profiler wrote no perfetto trace under {run_dir}")
-  by_layer, by_kind, covered, exec_us = summarize(trace[-1], hlo_op_names(compiled.as_text()),
-                                                  FLAGS.steps)
+  hlo = compiled.as_text()
+  by_layer, by_kind, covered, exec_us = summarize(trace[-1], hlo_op_names(hlo), FLAGS.steps,
+                                                  kernel_groups(hlo))
   n = FLAGS.steps
   total = sum(by_kind.values())
   head = f"# {config.model.ndims}D, batch {list(gbatch['src'].shape)}, codes {codes}: "

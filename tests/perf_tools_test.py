@@ -69,22 +69,77 @@ def test_profiler_attributes_kernels_to_layers(tmp_path):
 
 def test_gpu_kernel_events_are_matched_by_their_hlo_op(tmp_path):
   """A GPU trace names a kernel after its CUDA function and carries the HLO instruction as
-  `args.hlo_op`; a CPU trace names it after the instruction."""
+  `args.hlo_op`, or, inside a CUDA graph, the graph's name: there an XLA kernel shared by
+  several instructions is placed by launch order, a library kernel by its kind alone. The
+  host's spans named after instructions (its launches) are not kernel time."""
   import gzip
-  events = [{"ph": "X", "name": "sm90_xmma_fprop_implicit_gemm", "ts": 0, "dur": 30,
-             "args": {"hlo_op": "custom-call.7"}},
-            {"ph": "X", "name": "fusion.3", "ts": 40, "dur": 10},
-            {"ph": "X", "name": "cudaLaunchKernel", "ts": 0, "dur": 5, "args": {}}]
+  conv = "jit(step)/jvp(Generator)/encoder/conv_0/conv_general_dilated"
+  norm = "jit(step)/jvp(Generator)/encoder/res_{}/reduce_sum"
+  names = {"custom-call.7": (conv, "custom-call"),
+           "input_reduce_fusion.5": (norm.format(0), "fusion"),
+           "input_reduce_fusion.2": (norm.format(1), "fusion"),
+           "input_reduce_fusion.9": (norm.format(2), "fusion"),
+           "loop_add_fusion.8": ("jit(step)/transpose(jvp(Generator))/decoder/add", "fusion"),
+           "loop_add_fusion.11": ("jit(step)/jvp(Generator)/decoder/add", "fusion")}
+  hlo = "\n".join([
+      "ENTRY %main (p: f32[4]) -> f32[] {",
+      '  %input_reduce_fusion.5 = f32[2]{0} fusion(%p), kind=kInput, calls=%r',
+      '  %input_reduce_fusion.2 = f32[2]{0} fusion(%p), kind=kInput, calls=%r, '
+      'metadata={deduplicated_name="input_reduce_fusion.5"}',
+      '  %custom-call.7 = f32[2]{0} custom-call(%p)',
+      '  %input_reduce_fusion.9 = f32[2]{0} fusion(%p), kind=kInput, calls=%r, '
+      'metadata={deduplicated_name="input_reduce_fusion.5"}',
+      '  %loop_add_fusion.8 = f32[2]{0} fusion(%p), kind=kLoop, calls=%a',
+      '  %loop_add_fusion.11 = f32[2]{0} fusion(%p), kind=kLoop, calls=%a, '
+      'metadata={deduplicated_name="loop_add_fusion.8"}', "}"])
+  groups = profile_step.kernel_groups(hlo)
+  shared = ["input_reduce_fusion.5", "input_reduce_fusion.2", "input_reduce_fusion.9"]
+  assert groups == {**dict.fromkeys(shared, shared),
+                    **dict.fromkeys(["loop_add_fusion.8", "loop_add_fusion.11"],
+                                    ["loop_add_fusion.8", "loop_add_fusion.11"])}
+  graph = {"hlo_op": "command_buffer_1"}
+  events, t = [], 0
+  for step in range(2):
+    for name, dur, args in [
+        ("sm90_xmma_fprop_implicit_gemm", 15, {"hlo_op": "custom-call.7"}),
+        ("input_reduce_fusion_5", 4, graph),                    # .5, first in the group
+        ("input_reduce_fusion_5", 7, {"hlo_op": "input_reduce_fusion.2"}),  # outside
+        ("void cudnn::engines_precompiled::nchwToNhwcKernel<float>", 2, graph),
+        ("input_reduce_fusion_5", 6, graph)]:                   # .9
+      events.append({"ph": "X", "name": name, "ts": t, "dur": dur, "args": args})
+      t += dur
+  # Three launches of a kernel two instructions share, over two steps: not placeable.
+  events += [{"ph": "X", "name": "loop_add_fusion_8", "ts": t + 3 * i, "dur": 3, "args": graph}
+             for i in range(3)]
+  events.append({"ph": "X", "name": "input_reduce_fusion.9", "ts": 1000, "dur": 50})  # host
   trace = tmp_path / "t.json.gz"
   with gzip.open(trace, "wt") as f:
     json.dump({"traceEvents": events}, f)
-  names = {"custom-call.7": ("jit(step)/jvp(Generator)/encoder/conv_0/conv_general_dilated",
-                             "custom-call"),
-           "fusion.3": ("jit(step)/transpose(jvp(Generator))/decoder/norm/mul", "fusion")}
-  by_layer, by_kind, covered, _ = profile_step.summarize(str(trace), names, 1)
+  by_layer, by_kind, covered, _ = profile_step.summarize(str(trace), names, 2, groups)
   assert by_layer == {"forward  encoder/conv_0 conv_general_dilated": 30,
-                      "backward decoder/norm mul": 10}
-  assert by_kind == {"custom-call": 30, "fusion": 10} and covered == 40
+                      "forward  encoder/res_0 reduce_sum": 8,
+                      "forward  encoder/res_1 reduce_sum": 14,
+                      "forward  encoder/res_2 reduce_sum": 12,
+                      "(CUDA graph) cuDNN layout transpose": 4,
+                      "backward decoder add": 9}
+  assert by_kind == {"cuDNN conv forward": 30, "input_reduce_fusion": 34,
+                     "cuDNN layout transpose": 4, "loop_add_fusion": 9}
+  assert covered == 77
+  # Without the groups, a graph's shared kernel stays with the instruction it is named after.
+  by_layer, _, _, _ = profile_step.summarize(str(trace), names, 2)
+  assert by_layer["forward  encoder/res_0 reduce_sum"] == 20
+
+
+def test_gpu_kernel_kinds():
+  kinds = {"sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16": "cuDNN conv kernel gradient",
+           "sm80_xmma_dgrad_implicit_gemm_tf32f32": "cuDNN conv input gradient",
+           "void cudnn::engines_precompiled::nhwcToNchwKernel<float, float>":
+               "cuDNN layout transpose",
+           "void convolve_common_engine_float_NHWC<__nv_bfloat16>(int)": "cuDNN conv other",
+           "std::enable_if<!(false), void>::type internal::gemvx::kernel<int>": "GEMV",
+           "Memset 3": "memcpy/memset", "input_reduce_fusion_948": "input_reduce_fusion",
+           "loop_select_fusion": "loop_select_fusion", "void my_kernel<int>(int)": "my_kernel"}
+  assert {k: profile_step.gpu_kind(k) for k in kinds} == kinds
 
 
 def test_layer_names():
