@@ -24,8 +24,10 @@
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
 # default 150 s; SIZE_LIMIT_S for size's and fit's, twice that), so one slow compile cannot
-# take the whole run. On one H200 (twenty-fourth session): each bench command 33–52 s, fit
-# at 256³ 69 s, at 448³ over 200 s.
+# take the whole run. On one H200: each bench command 33–52 s, fit at 256³ 69 s (twenty-fourth
+# session); at 448³ / 484³ (remat) over 230 s each: with cuDNN's autotuning the first step had
+# not ended after 200 s, without it (FIT_XLA_FLAGS below) the compile took 14–16 s and the
+# first step 140 / 176 s, so a fit of both with timed steps needs about 10 minutes.
 #
 # This workplace's CUDA image has JAX 0.11.2 and no ml_collections: carry wheels in .whl/
 # (ignored by git), as that session did: `python3 -m pip download --no-deps
@@ -105,7 +107,8 @@ for part in "${parts[@]}"; do
       for spec in ${FIT:-448:False 484:True}; do
         edge=${spec%%:*} remat=${spec##*:}
         # FIT_XLA_FLAGS, e.g. --xla_gpu_autotune_level=0: cuDNN's heuristic algorithms
-        # instead of timing every one at that size (not yet tried).
+        # instead of timing every one at that size: fits are shown sooner, but the steps
+        # are slow (256³: 21.8 s against 1.36 s autotuned, twenty-fifth session).
         XLA_FLAGS="${XLA_FLAGS:-} ${FIT_XLA_FLAGS:-}" run fit "run-$edge-remat=$remat" \
             -m experiments.spatial_scaling \
             --config=configs/brats3d.py --size="$edge,$edge,$edge" --time_steps=2 \
