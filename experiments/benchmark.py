@@ -18,6 +18,7 @@ if __name__ == "__main__":  # as main.py: time the step as training runs it (hos
   _hm.use_malloc_huge_pages()
 
 import json
+import os
 import resource
 import time
 
@@ -271,6 +272,9 @@ def main(argv):
       # Whether steps ran on the calling thread (`train.cpu_heap_reuse`, host_memory.py).
       "inline_steps": not jax.config.values["jax_cpu_enable_async_dispatch"],
       "codes": codes, "batch": list(gbatch["src"].shape),
+      # What XLA ran under (set by the user, and by `host_memory` on a CPU): A/B runs of a
+      # flag, e.g. `--xla_gpu_force_conv_nhwc`, tell their rows apart by it.
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "sec_per_step": sec, "steps_per_s": 1.0 / sec,
       "voxels_per_s": float(np.prod(gbatch["src"].shape)) / sec,
       "compile_s": compile_s,

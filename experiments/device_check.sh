@@ -3,7 +3,7 @@
 # bf16 (s/step, GFLOP/s, MFU, device memory) and the largest 3D crop on one card, with and
 # without remat. Each part prints JSON lines into OUT_DIR/<part>.jsonl (stderr beside it).
 #
-#   bash experiments/device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [toy]
+#   bash experiments/device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [nhwc] [toy]
 #
 # bench: brats2d and brats3d (one 64³ crop), float32 (TF32 convs under JAX's default
 #   precision) and bf16, XLA's own conv forms (`config.train.conv_forms=auto` off the CPU);
@@ -21,6 +21,10 @@
 #   (default "brats2d:bfloat16 brats3d:float32"); its table in profile.jsonl, and the
 #   perfetto traces with the steps' HLO in profile.tgz, to sum up elsewhere
 #   (`profile_step --analyze=TRACE,HLO`);
+# nhwc: brats3d 64³ in float32 and bf16, each without and with
+#   `--xla_gpu_force_conv_nhwc=true` (cuDNN's convs channels-last instead of XLA's
+#   channels-first, which in float32 cost cuDNN's own layout transposes: 9% of the step);
+#   rows told apart by their `xla_flags`;
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
 # default 150 s; SIZE_LIMIT_S for size's and fit's, twice that), so one slow compile cannot
@@ -35,7 +39,7 @@
 # optax at the versions the tests run, in place of the image's own); this script installs
 # what it finds there.
 set -u
-out=${1:?usage: device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [toy]}
+out=${1:?usage: device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [nhwc] [toy]}
 shift
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(bench size)
@@ -89,6 +93,15 @@ for part in "${parts[@]}"; do
       bench configs/brats3d.py 10 bfloat16 float32 ;;
     toy)
       bench configs/toy.py 30 bfloat16 float32 ;;
+    nhwc)
+      nhwc_cfg=${NHWC_CONFIG:-configs/brats3d.py}  # (a smaller one for a dry run)
+      for dtype in float32 bfloat16; do
+        for flag in "" --xla_gpu_force_conv_nhwc=true; do
+          XLA_FLAGS="${XLA_FLAGS:-} $flag" run nhwc "$(basename "$nhwc_cfg" .py)-$dtype${flag:+-nhwc}" \
+              -m experiments.benchmark --config="$nhwc_cfg" --steps=10 \
+              --config.train.dtype="$dtype" --eval_volumes=0 --conv_ref=false
+        done
+      done ;;
     batch)
       EXTRA="--config.train.batch_size=${BATCH:-16} --eval_volumes=0 --conv_ref=false" \
           bench configs/brats2d.py 10 bfloat16 float32 ;;
@@ -129,7 +142,7 @@ print(rows[-1].get('max_cubic_edge', 0) if rows else 0)" "$out/size.jsonl")
               --config.train.remat="$remat"
         fi
       done ;;
-    *) echo "unknown part $part (bench, fit, size, batch, profile, toy)" >&2; exit 2 ;;
+    *) echo "unknown part $part (bench, fit, size, batch, profile, nhwc, toy)" >&2; exit 2 ;;
   esac
 done
 wait  # the FLOP counts
