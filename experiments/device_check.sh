@@ -3,7 +3,7 @@
 # bf16 (s/step, GFLOP/s, MFU, device memory) and the largest 3D crop on one card, with and
 # without remat. Each part prints JSON lines into OUT_DIR/<part>.jsonl (stderr beside it).
 #
-#   bash experiments/device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [nhwc] [toy]
+#   bash experiments/device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [nhwc] [train] [toy]
 #
 # bench: brats2d and brats3d (one 64³ crop), float32 (TF32 convs under JAX's default
 #   precision) and bf16, XLA's own conv forms (`config.train.conv_forms=auto` off the CPU);
@@ -25,6 +25,9 @@
 #   `--xla_gpu_force_conv_nhwc=true` (cuDNN's convs channels-last instead of XLA's
 #   channels-first, which in float32 cost cuDNN's own layout transposes: 9% of the step);
 #   rows told apart by their `xla_flags`;
+# train: `main.py` on the toy default end to end on the card (data made on first use):
+#   TRAIN_STEPS steps (default "200 300": 200, then resumed from its checkpoint to 300),
+#   the log in train.log and each run's last line ("done: ...") in the summary;
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
 # default 150 s; SIZE_LIMIT_S for size's and fit's, twice that), so one slow compile cannot
@@ -39,7 +42,7 @@
 # optax at the versions the tests run, in place of the image's own); this script installs
 # what it finds there.
 set -u
-out=${1:?usage: device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [nhwc] [toy]}
+out=${1:?usage: device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [nhwc] [train] [toy]}
 shift
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(bench size)
@@ -93,6 +96,14 @@ for part in "${parts[@]}"; do
       bench configs/brats3d.py 10 bfloat16 float32 ;;
     toy)
       bench configs/toy.py 30 bfloat16 float32 ;;
+    train)
+      rm -rf /tmp/seq2seq_gpu_toy
+      for steps in ${TRAIN_STEPS:-200 300}; do
+        run train "toy-to-$steps" main.py --config=configs/toy.py \
+            --workdir=/tmp/seq2seq_gpu_toy --config.train.total_steps="$steps"
+        grep -h "resumed from\|^done:" "$out/train.jsonl" "$out/train.err" 2>/dev/null \
+            | tail -2 >> "$out/summary.txt"
+      done ;;
     nhwc)
       nhwc_cfg=${NHWC_CONFIG:-configs/brats3d.py}  # (a smaller one for a dry run)
       for dtype in float32 bfloat16; do
@@ -142,7 +153,7 @@ print(rows[-1].get('max_cubic_edge', 0) if rows else 0)" "$out/size.jsonl")
               --config.train.remat="$remat"
         fi
       done ;;
-    *) echo "unknown part $part (bench, fit, size, batch, profile, nhwc, toy)" >&2; exit 2 ;;
+    *) echo "unknown part $part (bench, fit, size, batch, profile, nhwc, train, toy)" >&2; exit 2 ;;
   esac
 done
 wait  # the FLOP counts
