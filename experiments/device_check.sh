@@ -3,7 +3,8 @@
 # bf16 (s/step, GFLOP/s, MFU, device memory) and the largest 3D crop on one card, with and
 # without remat. Each part prints JSON lines into OUT_DIR/<part>.jsonl (stderr beside it).
 #
-#   bash experiments/device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [nhwc] [train] [toy]
+#   bash experiments/device_check.sh OUT_DIR [bench] [fit] [size] [batch] [profile] [nhwc]
+#       [train] [toy]
 #
 # bench: brats2d and brats3d (one 64³ crop), float32 (TF32 convs under JAX's default
 #   precision) and bf16, XLA's own conv forms (`config.train.conv_forms=auto` off the CPU);
@@ -12,7 +13,8 @@
 #   (its row's device_peak_mb: what the allocator really took); JAX may take 92% of the
 #   card (XLA_PYTHON_CLIENT_MEM_FRACTION). `experiments.gpu_plan` gives the plan without a
 #   card, for comparison;
-# fit: one real brats3d step (timed twice after the first) at each cube of FIT (default
+# fit: one real brats3d step (timed FIT_STEPS times, default 2, after the first; 0 still
+#   prints the row, with the allocator's peak, after the first) at each cube of FIT (default
 #   "448:False 484:True", edge:remat: the largest cubes `experiments.gpu_plan` plans within
 #   75% of an H200 in float32, without and with remat), with the allocator's peak: the
 #   size check without `size`'s compilations of the search;
@@ -27,14 +29,15 @@
 #   rows told apart by their `xla_flags`;
 # train: `main.py` on the toy default end to end on the card (data made on first use):
 #   TRAIN_STEPS steps (default "200 300": 200, then resumed from its checkpoint to 300),
-#   the log in train.log and each run's last line ("done: ...") in the summary;
+#   its output in train.jsonl / train.err, each run's "done: ..." (and "resumed from")
+#   line in the summary;
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
 # default 150 s; SIZE_LIMIT_S for size's and fit's, twice that), so one slow compile cannot
 # take the whole run. On one H200: each bench command 33–52 s, fit at 256³ 69 s (twenty-fourth
 # session); at 448³ / 484³ (remat) over 230 s each: with cuDNN's autotuning the first step had
-# not ended after 200 s, without it (FIT_XLA_FLAGS below) the compile took 14–16 s and the
-# first step 140 / 176 s, so a fit of both with timed steps needs about 10 minutes.
+# not ended after 200 s, without it (FIT_XLA_FLAGS below) the compile took 14–16 s and each
+# step 140 / 176 s, so both cubes with FIT_STEPS=0 need about 6 minutes that way.
 #
 # This workplace's CUDA image has JAX 0.11.2 and no ml_collections: carry wheels in .whl/
 # (ignored by git), as that session did: `python3 -m pip download --no-deps
@@ -135,7 +138,7 @@ for part in "${parts[@]}"; do
         # are slow (256³: 21.8 s against 1.36 s autotuned, twenty-fifth session).
         XLA_FLAGS="${XLA_FLAGS:-} ${FIT_XLA_FLAGS:-}" run fit "run-$edge-remat=$remat" \
             -m experiments.spatial_scaling \
-            --config=configs/brats3d.py --size="$edge,$edge,$edge" --time_steps=2 \
+            --config=configs/brats3d.py --size="$edge,$edge,$edge" --time_steps="${FIT_STEPS:-2}" \
             --config.train.remat="$remat"
       done ;;
     size)
