@@ -35,8 +35,8 @@
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
 # default 150 s; SIZE_LIMIT_S for size's and fit's, twice that), so one slow compile cannot
 # take the whole run. On one H200: each bench command 33–52 s, fit at 256³ 69 s (twenty-fourth
-# session); at 448³ / 484³ (remat) over 230 s each: with cuDNN's autotuning the first step had
-# not ended after 200 s, without it (FIT_XLA_FLAGS below) the compile took 14–16 s and each
+# session); at 448³ / 484³ (remat) over 230 s each: with cuDNN's autotuning the command had
+# not ended after 200 s (nothing printed), without it (FIT_XLA_FLAGS below) the compile took 14–16 s and each
 # step 140 / 176 s, so both cubes with FIT_STEPS=0 need about 6 minutes that way.
 #
 # This workplace's CUDA image has JAX 0.11.2 and no ml_collections: carry wheels in .whl/
