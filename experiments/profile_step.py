@@ -176,7 +176,8 @@ def _by_launch_order(kernels: list, groups: dict[str, list[str]], steps: int) ->
 def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int,
               groups: dict[str, list[str]] | None = None):
   """Kernel time per layer and per kind (microseconds over the trace's `steps` steps), the
-  time some kernel was running, and XLA CPU's executor wall time (0 for a GPU trace).
+  time some kernel was running, XLA CPU's executor wall time (0 for a GPU trace) and the
+  number of kernels run (a GPU's launches: short kernels make a step launch-bound).
 
   A GPU kernel whose instruction the trace does not say (a library kernel inside a CUDA
   graph) is counted under '(CUDA graph)' and its kind, so that the totals are all the GPU's;
@@ -207,7 +208,7 @@ def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int,
   for a, b in spans:
     covered += max(0.0, b - max(a, end))
     end = max(end, b)
-  return by_layer, by_kind, covered, sum(walls[-steps:])
+  return by_layer, by_kind, covered, sum(walls[-steps:]), len(kernels)
 
 
 def thread_cpu_seconds() -> dict[str, float]:
@@ -255,9 +256,10 @@ def main(argv):
     trace_file, hlo_file = FLAGS.analyze
     with open(hlo_file) as f:
       hlo = f.read()
-    by_layer, by_kind, _, _ = summarize(trace_file, hlo_op_names(hlo), FLAGS.steps,
-                                        kernel_groups(hlo))
-    print(f"# {trace_file}: kernels {sum(by_kind.values()) / FLAGS.steps / 1e3:.1f} ms/step")
+    by_layer, by_kind, _, _, launches = summarize(trace_file, hlo_op_names(hlo), FLAGS.steps,
+                                                  kernel_groups(hlo))
+    print(f"# {trace_file}: kernels {sum(by_kind.values()) / FLAGS.steps / 1e3:.1f} ms/step "
+          f"in {launches / FLAGS.steps:.0f} kernels a step")
     report(by_layer, by_kind, FLAGS.steps)
     return
   config = FLAGS.config
@@ -293,8 +295,8 @@ def main(argv):
   if not trace:
     raise RuntimeError(f"jax.profiler wrote no perfetto trace under {run_dir}")
   hlo = compiled.as_text()
-  by_layer, by_kind, covered, exec_us = summarize(trace[-1], hlo_op_names(hlo), FLAGS.steps,
-                                                  kernel_groups(hlo))
+  by_layer, by_kind, covered, exec_us, launches = summarize(
+      trace[-1], hlo_op_names(hlo), FLAGS.steps, kernel_groups(hlo))
   n = FLAGS.steps
   total = sum(by_kind.values())
   head = f"# {config.model.ndims}D, batch {list(gbatch['src'].shape)}, codes {codes}: "
@@ -305,7 +307,8 @@ def main(argv):
           "time")
   else:
     print(head + f"{wall * 1e3:.1f} ms/step wall with the profiler's own overhead, kernels "
-          f"{total / n / 1e3:.1f} ms/step, some kernel running {covered / n / 1e3:.1f} ms")
+          f"{total / n / 1e3:.1f} ms/step in {launches / n:.0f} launches, some kernel running "
+          f"{covered / n / 1e3:.1f} ms")
   if busy:
     print(f"# CPU time / wall time over {untraced} untraced steps: " +
           ", ".join(f"{name} {share:.0%}" for name, share in busy) +

@@ -115,7 +115,7 @@ def test_gpu_kernel_events_are_matched_by_their_hlo_op(tmp_path):
   trace = tmp_path / "t.json.gz"
   with gzip.open(trace, "wt") as f:
     json.dump({"traceEvents": events}, f)
-  by_layer, by_kind, covered, _ = profile_step.summarize(str(trace), names, 2, groups)
+  by_layer, by_kind, covered, _, launches = profile_step.summarize(str(trace), names, 2, groups)
   assert by_layer == {"forward  encoder/conv_0 conv_general_dilated": 30,
                       "forward  encoder/res_0 reduce_sum": 8,
                       "forward  encoder/res_1 reduce_sum": 14,
@@ -124,9 +124,9 @@ def test_gpu_kernel_events_are_matched_by_their_hlo_op(tmp_path):
                       "backward decoder add": 9}
   assert by_kind == {"cuDNN conv forward": 30, "input_reduce_fusion": 34,
                      "cuDNN layout transpose": 4, "loop_add_fusion": 9}
-  assert covered == 77
+  assert covered == 77 and launches == 13  # the host's span is not a kernel
   # Without the groups, a graph's shared kernel stays with the instruction it is named after.
-  by_layer, _, _, _ = profile_step.summarize(str(trace), names, 2)
+  by_layer, _, _, _, _ = profile_step.summarize(str(trace), names, 2)
   assert by_layer["forward  encoder/res_0 reduce_sum"] == 20
 
 
