@@ -29,15 +29,16 @@
 #   rows told apart by their `xla_flags`;
 # train: `main.py` on the toy default end to end on the card (data made on first use):
 #   TRAIN_STEPS steps (default "200 300": 200, then resumed from its checkpoint to 300),
-#   its output in train.jsonl / train.err, each run's "done: ..." (and "resumed from")
-#   line in the summary;
+#   its output in train.jsonl / train.err, the runs' "done: ..." lines (and the second's
+#   "resumed from") in the summary;
 # toy: the toy default's model, float32 and bf16.
 # With no part named it runs bench then size. Every command has its own time limit (LIMIT_S,
 # default 150 s; SIZE_LIMIT_S for size's and fit's, twice that), so one slow compile cannot
 # take the whole run. On one H200: each bench command 33–52 s, fit at 256³ 69 s (twenty-fourth
 # session); at 448³ / 484³ (remat) over 230 s each: with cuDNN's autotuning the command had
-# not ended after 200 s (nothing printed), without it (FIT_XLA_FLAGS below) the compile took 14–16 s and each
-# step 140 / 176 s, so both cubes with FIT_STEPS=0 need about 6 minutes that way.
+# not ended after 200 s (nothing printed), without it (FIT_XLA_FLAGS below) the compile took
+# 14–16 s and each step 140 / 176 s, so both cubes with FIT_STEPS=0 need about 6 minutes
+# that way.
 #
 # This workplace's CUDA image has JAX 0.11.2 and no ml_collections: carry wheels in .whl/
 # (ignored by git), as that session did: `python3 -m pip download --no-deps
@@ -104,16 +105,16 @@ for part in "${parts[@]}"; do
       for steps in ${TRAIN_STEPS:-200 300}; do
         run train "toy-to-$steps" main.py --config=configs/toy.py \
             --workdir=/tmp/seq2seq_gpu_toy --config.train.total_steps="$steps"
-        grep -h "resumed from\|^done:" "$out/train.jsonl" "$out/train.err" 2>/dev/null \
-            | tail -2 >> "$out/summary.txt"
-      done ;;
+      done
+      grep -h "^done:\|resumed from" "$out/train.jsonl" "$out/train.err" >> "$out/summary.txt" ;;
     nhwc)
       nhwc_cfg=${NHWC_CONFIG:-configs/brats3d.py}  # (a smaller one for a dry run)
       for dtype in float32 bfloat16; do
         for flag in "" --xla_gpu_force_conv_nhwc=true; do
-          XLA_FLAGS="${XLA_FLAGS:-} $flag" run nhwc "$(basename "$nhwc_cfg" .py)-$dtype${flag:+-nhwc}" \
-              -m experiments.benchmark --config="$nhwc_cfg" --steps=10 \
-              --config.train.dtype="$dtype" --eval_volumes=0 --conv_ref=false
+          XLA_FLAGS="${XLA_FLAGS:-} $flag" \
+              run nhwc "$(basename "$nhwc_cfg" .py)-$dtype${flag:+-nhwc}" -m experiments.benchmark \
+              --config="$nhwc_cfg" --steps=10 --config.train.dtype="$dtype" --eval_volumes=0 \
+              --conv_ref=false
         done
       done ;;
     batch)
@@ -138,7 +139,8 @@ for part in "${parts[@]}"; do
         # are slow (256³: 21.8 s against 1.36 s autotuned, twenty-fifth session).
         XLA_FLAGS="${XLA_FLAGS:-} ${FIT_XLA_FLAGS:-}" run fit "run-$edge-remat=$remat" \
             -m experiments.spatial_scaling \
-            --config=configs/brats3d.py --size="$edge,$edge,$edge" --time_steps="${FIT_STEPS:-2}" \
+            --config=configs/brats3d.py --size="$edge,$edge,$edge" \
+            --time_steps="${FIT_STEPS:-2}" \
             --config.train.remat="$remat"
       done ;;
     size)

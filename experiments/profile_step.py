@@ -51,6 +51,10 @@ flags.DEFINE_list("analyze", None, "TRACE,HLO: only sum up a kept perfetto trace
                   "steps with its --hlo_out text (e.g. one taken on a GPU machine); run nothing.")
 
 
+# One HLO instruction line: '%name = shape opcode(' (its name, result shape and opcode).
+_INSTRUCTION = re.compile(r"\s*%?([\w.\-]+) = (\S+) (\w+)\(")
+
+
 def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
   """Instruction name -> (JAX op_name or a description, opcode) from compiled HLO text.
 
@@ -74,7 +78,7 @@ def hlo_op_names(hlo_text: str) -> dict[str, tuple[str, str]]:
       root[comp] = r.group(1)
   out = {}
   for line in hlo_text.splitlines():
-    m = re.match(r"\s*%?([\w.\-]+) = (\S+) (\w+)\(", line)
+    m = _INSTRUCTION.match(line)
     if not m:
       continue
     op = re.search(r'op_name="([^"]+)"', line)
@@ -96,7 +100,7 @@ def kernel_groups(hlo_text: str) -> dict[str, list[str]]:
   """
   group, members = {}, collections.defaultdict(list)
   for line in hlo_text.splitlines():
-    m = re.match(r"\s*%?([\w.\-]+) = \S+ \w+\(", line)
+    m = _INSTRUCTION.match(line)
     if m:
       d = re.search(r'deduplicated_name="([^"]+)"', line)
       group[m.group(1)] = d.group(1) if d else m.group(1)
@@ -186,7 +190,8 @@ def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int,
   events = json.load(gzip.open(trace_file))
   events = events["traceEvents"] if isinstance(events, dict) else events
   complete = [e for e in events if e.get("ph") == "X"]
-  if any(_is_gpu_kernel(e) for e in complete):
+  gpu = any(_is_gpu_kernel(e) for e in complete)
+  if gpu:
     # Only the GPU's kernels: the host's spans named after an instruction are its launches.
     kernels = [(e, _instruction(e, names)) for e in complete if _is_gpu_kernel(e)]
     _by_launch_order(kernels, groups or {}, steps)
@@ -197,7 +202,7 @@ def summarize(trace_file: str, names: dict[str, tuple[str, str]], steps: int,
   by_layer, by_kind = collections.Counter(), collections.Counter()
   for e, instruction in kernels:
     op, kind = names[instruction] if instruction else ("", "")
-    if _is_gpu_kernel(e):
+    if gpu:
       kind = gpu_kind(e["name"])
     elif kind == "fusion":
       kind = re.sub(r"[.\d]+$", "", e["name"])
