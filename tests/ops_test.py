@@ -55,13 +55,18 @@ def _dense_reflect_1d(n: int, p: int) -> np.ndarray:
   return m
 
 
-@pytest.mark.parametrize("shape,pad,axes", [
-    ((2, 5, 3), 1, None), ((1, 4, 5, 2), 3, None), ((2, 6, 3, 4, 2), 2, None),
-    ((1, 3, 5, 4, 2), 2, (2, 3)), ((1, 4, 5, 2), 2, (2,))],
-    ids=["1d-p1", "2d-p3", "3d-p2", "3d-p2-plane", "2d-p2-second"])
-def test_reflect_pad_and_its_gradient_equal_the_dense_operator(shape, pad, axes):
+@pytest.mark.parametrize("shape,pad,axes,fold_2d_min_size", [
+    ((2, 5, 3), 1, None, None), ((1, 4, 5, 2), 3, None, None), ((1, 4, 5, 2), 3, None, 0),
+    ((2, 6, 3, 4, 2), 2, None, None), ((1, 3, 5, 4, 2), 2, (2, 3), None),
+    ((1, 4, 5, 2), 2, (2,), None)],
+    ids=["1d-p1", "2d-p3", "2d-p3-folded", "3d-p2", "3d-p2-plane", "2d-p2-second"])
+def test_reflect_pad_and_its_gradient_equal_the_dense_operator(shape, pad, axes,
+                                                               fold_2d_min_size, monkeypatch):
   """The hand-written VJP folds every border slab back onto the sample it copies; with
-  `axes`, only those axes are padded (the others' operator is the identity)."""
+  `axes`, only those axes are padded (the others' operator is the identity). A 2D array
+  takes autodiff's form on its second axis when small, the fold when large ("folded")."""
+  if fold_2d_min_size is not None:
+    monkeypatch.setattr(ops, "FOLD_2D_MIN_SIZE", fold_2d_min_size)
   rng = np.random.default_rng(1)
   x = rng.standard_normal(shape)
   padded = range(1, len(shape) - 1) if axes is None else axes
