@@ -202,19 +202,35 @@ def test_shifted_gemm_conv_matches_xla_with_padding(dtype):
                              atol=tol * float(jnp.abs(y_ref).max()), rtol=0)
 
 
-def test_per_example_narrow_conv_matches_the_patches_form():
+@pytest.mark.parametrize("x_shape,kernel_shape", [
+    ((3, 22, 19, 16), (5, 5, 16, 3)), ((2, 9, 8, 7, 16), (3, 3, 3, 16, 8))], ids=["2d", "3d"])
+def test_per_example_narrow_conv_matches_the_patches_form(x_shape, kernel_shape):
   """Forward and both gradients against autodiff of `hyperconv.per_example_conv`."""
   from seq2seq_jax.models import hyperconv
   rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.standard_normal((3, 22, 19, 16)), jnp.float32)
-  kernels = jnp.asarray(rng.standard_normal((3, 5, 5, 16, 3)) * 0.1, jnp.float32)
-  assert gemm_conv.forward_form(x.shape, kernels.shape[1:], 1) == "narrow"
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  kernels = jnp.asarray(rng.standard_normal((x_shape[0],) + kernel_shape) * 0.1, jnp.float32)
+  assert gemm_conv.per_example_narrow(x.shape, kernels.shape[1:], 1)
   y_ref, vjp_ref = jax.vjp(lambda a, w: hyperconv.per_example_conv(a, w, 1), x, kernels)
   y, vjp = jax.vjp(gemm_conv.per_example_narrow_conv, x, kernels)
   np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_per_example_narrow_policy_on_dce4d_decoder():
+  """3D per-example convs narrow by at least half take the narrow form at stride 1 (dce4d's
+  32→16, 16→8 and 8→1 decoder convs), not same-width or strided ones; 2D follows
+  `forward_form`."""
+  assert gemm_conv.per_example_narrow((2, 18, 18, 18, 32), (3, 3, 3, 32, 16), 1)
+  assert gemm_conv.per_example_narrow((2, 34, 34, 34, 16), (3, 3, 3, 16, 8), 1)
+  assert gemm_conv.per_example_narrow((2, 34, 34, 34, 8), (3, 3, 3, 8, 1), 1)
+  assert not gemm_conv.per_example_narrow((2, 10, 10, 10, 32), (3, 3, 3, 32, 32), 1)
+  assert not gemm_conv.per_example_narrow((2, 34, 34, 34, 16), (3, 3, 3, 16, 8), 2)
+  assert not gemm_conv.per_example_narrow((2, 10, 10, 10, 64), (5, 5, 5, 64, 32), 1)
+  assert gemm_conv.per_example_narrow((3, 22, 19, 16), (5, 5, 16, 3), 1)
+  assert not gemm_conv.per_example_narrow((3, 22, 19, 16), (3, 3, 16, 16), 1)
 
 
 def test_loops_off_gives_the_same_conv_without_loops():

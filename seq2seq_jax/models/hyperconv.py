@@ -54,10 +54,10 @@ def grouped_conv(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.n
 def per_example(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.ndarray:
   """VALID conv of example i with its own kernel i, in the forms traced here (`conv.forms`):
   `grouped_conv` for XLA's; on CPU `gemm_conv.per_example_narrow_conv` for narrow outputs
-  (e.g. the 3-channel output conv), else `per_example_conv`."""
+  (e.g. the 3-channel output conv; `gemm_conv.per_example_narrow`), else `per_example_conv`."""
   if not conv.cpu_tuned():
     return grouped_conv(x, kernels, stride)
-  if gemm_conv.forward_form(x.shape, kernels.shape[1:], stride) == "narrow":
+  if gemm_conv.per_example_narrow(x.shape, kernels.shape[1:], stride):
     return gemm_conv.per_example_narrow_conv(x, kernels)
   return per_example_conv(x, kernels, stride)
 
