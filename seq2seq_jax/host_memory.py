@@ -98,16 +98,56 @@ def use_cpu_fusion_emitters(on: bool) -> None:
 def xla_has_older_cpu_emitters(jaxlib_version: str | None = None) -> bool:
   """Whether the installed jaxlib's XLA still has `--xla_cpu_use_fusion_emitters` (before
   0.11). Read from the package's metadata: this runs before JAX is imported."""
-  if jaxlib_version is None:
+  version = _jaxlib_version(jaxlib_version)
+  return version is not None and version < (0, 11)
+
+
+def _jaxlib_version(version: str | None = None) -> tuple[int, int] | None:
+  """(major, minor) of `version`, or of the installed jaxlib (read from its metadata)."""
+  if version is None:
     try:
-      jaxlib_version = importlib.metadata.version("jaxlib")
+      version = importlib.metadata.version("jaxlib")
     except importlib.metadata.PackageNotFoundError:
-      return False
-  m = re.match(r"(\d+)\.(\d+)", jaxlib_version)
-  return bool(m) and (int(m.group(1)), int(m.group(2))) < (0, 11)
+      return None
+  m = re.match(r"(\d+)\.(\d+)", version)
+  return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 _emitters_off_here = False  # whether use_cpu_fusion_emitters(False) set the flag
+
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+# XLA CPU's default YNNPACK fusions in jaxlib 0.10 and 0.11 less the convolutions: the
+# default compiles to the same HLO as "individual_dot,reduce,individual_convolution".
+_YNN_WITHOUT_CONVS = "individual_dot,reduce"
+
+
+def use_eigen_cpu_convs(on: bool) -> bool:
+  """Whether XLA CPU runs its convolutions through Eigen rather than YNNPACK.
+
+  With jaxlib 0.10 XLA CPU hands every unpadded convolution to YNNPACK, which runs the
+  model's layers at 69-183 GFLOP/s on a 2-core AVX-512 VM, where Eigen's convolution (what
+  XLA CPU runs for padded ones, and for all once YNNPACK's conv fusion is off) reaches
+  222-307 (experiments/README.md, "twenty-seventh session"); `gemm_conv`'s form choices
+  follow (`eigen_cpu_convs`). Sets `--xla_cpu_experimental_ynn_fusion_type` to XLA's
+  default less `individual_convolution`, only where JAX will run on the CPU, with a jaxlib
+  that has the flag (0.10 or newer: an unknown flag aborts the process), and unless the
+  user's XLA_FLAGS already set it. Before the first computation, as `use_lean_cpu_scheduler`.
+  Returns whether it set the flag.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if not on or _YNN_FLAG in flags or not _cpu_only():
+    return False
+  if (_jaxlib_version() or (0, 0)) < (0, 10):
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}={_YNN_WITHOUT_CONVS}".strip()
+  return True
+
+
+def eigen_cpu_convs() -> bool:
+  """Whether this process's XLA_FLAGS keep convolutions out of YNNPACK (`use_eigen_cpu_convs`,
+  or the user's own `--xla_cpu_experimental_ynn_fusion_type` without a convolution type)."""
+  m = re.search(_YNN_FLAG + r"=(\S*)", os.environ.get("XLA_FLAGS", ""))
+  return bool(m) and "convolution" not in m.group(1)
 
 
 def one_off_compile_options() -> dict:
@@ -275,7 +315,8 @@ def reuse_freed_memory() -> bool:
 
 def configure_cpu_host(train) -> None:
   """The CPU host settings a training config's `train` fields ask for: XLA's scheduler,
-  its fusion emitters (`xla_cpu_fusion_emitters`), remat barriers (`remat` or
+  its fusion emitters (`xla_cpu_fusion_emitters`), Eigen's convolutions
+  (`xla_cpu_eigen_convs`), remat barriers (`remat` or
   `recompute_elementwise`), freed-page reuse with inline steps (`cpu_heap_reuse`).
 
   Call it before the first computation and before XLA starts its threads (main.py and the
@@ -283,6 +324,7 @@ def configure_cpu_host(train) -> None:
   """
   use_lean_cpu_scheduler(bool(train.xla_cpu_lean_scheduler))
   use_cpu_fusion_emitters(bool(train.xla_cpu_fusion_emitters))
+  use_eigen_cpu_convs(bool(train.xla_cpu_eigen_convs))
   keep_remat_barriers(bool(train.remat or train.recompute_elementwise))
   if train.cpu_heap_reuse:
     reuse_freed_memory()

@@ -9,6 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # their recomputation away.
 from seq2seq_jax import host_memory  # noqa: E402  (imports no jax)
 host_memory.keep_remat_barriers(True)
+# As main.py with the default train.xla_cpu_eigen_convs: XLA CPU's convs through Eigen.
+host_memory.use_eigen_cpu_convs(True)
 # One persistent compilation cache for the whole run, subprocesses included: the many short
 # training runs of the tests compile the same programs.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/seq2seq_jax_test_jit_cache")

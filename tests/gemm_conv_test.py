@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from seq2seq_jax import host_memory
 from seq2seq_jax.models import conv
 from seq2seq_jax.models import gemm_conv
 
@@ -18,15 +19,27 @@ CASES = [
     (8, 64, 64, 3, 1, 2),    # small layer: XLA's kernel gradient, row-stacked forward
     (9, 16, 24, 5, 1, 2),    # row-stacked forward, k = 5, odd size
 ]
-# (kernel-gradient form, forward form) of each case.
-FORMS = [("narrow", "narrow"), ("wide", "rows"), ("wide", "xla"), ("xla", "xla"),
-         ("xla", "rows"), ("xla", "rows")]
+# (kernel-gradient form, forward form) of each case, with YNNPACK's convs (XLA CPU's default)
+# and with Eigen's (`host_memory.eigen_cpu_convs`).
+FORMS = {"ynn": [("narrow", "narrow"), ("wide", "rows"), ("wide", "xla"), ("xla", "xla"),
+                 ("xla", "rows"), ("xla", "rows")],
+         "eigen": [("narrow", "narrow"), ("xla", "xla"), ("wide", "xla"), ("xla", "xla"),
+                   ("xla", "xla"), ("xla", "xla")]}
 
 
+@pytest.fixture(autouse=True)
+def ynn_convs(monkeypatch):
+  """The forms chosen for YNNPACK's convs unless a test says otherwise: they exercise the GEMM
+  forms most, whatever XLA_FLAGS this process started with."""
+  monkeypatch.setattr(host_memory, "eigen_cpu_convs", lambda: False)
+
+
+@pytest.mark.parametrize("policy", ["ynn", "eigen"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_gradients_equal_xla(case, monkeypatch):
+def test_gradients_equal_xla(case, policy, monkeypatch):
   monkeypatch.setattr(gemm_conv, "MIN_ROWS_MACS", 0)  # the row-stacked forward on small layers too
-  grad_form, fwd_form = FORMS[CASES.index(case)]
+  monkeypatch.setattr(host_memory, "eigen_cpu_convs", lambda: policy == "eigen")
+  grad_form, fwd_form = FORMS[policy][CASES.index(case)]
   x_shape = (2,) + (case[0],) * case[5] + (case[1],)
   k_shape = (case[3],) * case[5] + case[1:3]
   assert gemm_conv.grad_form(x_shape, k_shape, case[4]) == grad_form
@@ -115,6 +128,48 @@ def test_forward_form_policy():
   assert form((8, 34, 34, 32), (3, 3, 32, 32)) == "xla"
   assert form((1, 198, 198, 3), (7, 7, 3, 64)) == "xla"
   assert form((1, 198, 198, 64), (7, 7, 64, 3)) == "narrow"
+
+
+def test_eigen_form_policy(monkeypatch):
+  """With Eigen's convs, XLA's conv and kernel gradient on every layer where they were faster
+  with both gradients (jitted alone, `experiments/README.md`, "twenty-seventh session"):
+  brats2d's 48², 96² and 192² layers (e.g. 256→256 at 48²: 27.6 against 34.7 ms as rows and
+  wide), the folded 3D latent and decoder convs; the narrow forms on the narrowest outputs
+  (brats2d's 64→3 7×7: 30.3 against 46.0 ms; the folded 5×5×5 16→1), the narrow kernel
+  gradient over 16k rows only (toy's 32→3 at 8 × 32²: XLA's, 6.3 against 11.9 ms); 'wide' on
+  strided layers, 'patches' on brats3d's first conv."""
+  def forms(x, k, stride=1):
+    return (gemm_conv.grad_form(x, k, stride, eigen=True),
+            gemm_conv.forward_form(x, k, stride, eigen=True))
+  assert forms((1, 50, 50, 256), (3, 3, 256, 256)) == ("xla", "xla")
+  assert forms((1, 48, 48, 256), (3, 3, 256, 768)) == ("xla", "xla")
+  assert forms((1, 98, 98, 256), (3, 3, 256, 128)) == ("xla", "xla")
+  assert forms((1, 194, 194, 128), (3, 3, 128, 64)) == ("xla", "xla")
+  assert forms((16, 34, 34, 192), (3, 3, 192, 32)) == ("xla", "xla")
+  assert forms((16, 18, 18, 192), (3, 3, 192, 64)) == ("xla", "xla")
+  assert forms((1, 198, 198, 64), (7, 7, 64, 3)) == ("narrow", "narrow")
+  assert forms((4, 68, 68, 80), (5, 5, 80, 1)) == ("narrow", "narrow")
+  assert forms((8, 38, 38, 32), (7, 7, 32, 3)) == ("xla", "narrow")
+  assert forms((1, 98, 98, 128), (3, 3, 128, 256), 2) == ("wide", "xla")
+  assert forms((64, 68, 68, 5), (5, 5, 5, 16)) == ("patches", "xla")
+  assert forms((1, 198, 198, 3), (7, 7, 3, 64)) == ("xla", "xla")
+  # Unchanged with Eigen's convs: bf16 on AMX (`conv.conv_nd` asks for the YNNPACK forms)
+  # and the per-example narrow form, whose alternative is the patches form, not XLA's conv.
+  monkeypatch.setattr(host_memory, "eigen_cpu_convs", lambda: True)
+  assert gemm_conv.forward_form((1, 98, 98, 256), (3, 3, 256, 32), 1) == "xla"
+  assert gemm_conv.per_example_narrow((1, 98, 98, 256), (3, 3, 256, 32), 1)
+
+
+def test_eigen_cpu_convs_follows_xla_flags(monkeypatch):
+  monkeypatch.undo()  # the real reader, not this file's default
+  for flags, want in [("", False),
+                      ("--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce", True),
+                      ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution", False),
+                      ("--xla_force_host_platform_device_count=4 "
+                       "--xla_cpu_experimental_ynn_fusion_type= --foo", True)]:
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert host_memory.eigen_cpu_convs() is want, flags
+    assert (gemm_conv.forward_form((1, 50, 50, 256), (3, 3, 256, 256), 1) == "xla") is want
 
 
 @pytest.mark.parametrize("batch,form", [(2, "wide"), (4, "narrow")])

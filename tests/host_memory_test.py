@@ -145,7 +145,7 @@ def test_configure_cpu_host_sets_what_the_train_fields_ask(monkeypatch, remat, e
   reuse = remat  # one case with, two without
   train = ml_collections.ConfigDict(dict(
       xla_cpu_lean_scheduler=True, remat=remat, recompute_elementwise=elementwise,
-      cpu_heap_reuse=reuse, xla_cpu_fusion_emitters=elementwise))
+      cpu_heap_reuse=reuse, xla_cpu_fusion_emitters=elementwise, xla_cpu_eigen_convs=remat))
   before = jax.config.values["jax_cpu_enable_async_dispatch"]
   try:
     host_memory.configure_cpu_host(train)
@@ -158,6 +158,7 @@ def test_configure_cpu_host_sets_what_the_train_fields_ask(monkeypatch, remat, e
   emitters_off = not elementwise and host_memory.xla_has_older_cpu_emitters()
   assert ("--xla_cpu_use_fusion_emitters=false" in flags) == emitters_off
   assert bool(reused) == reuse and inline == reuse
+  assert host_memory.eigen_cpu_convs() == remat
   # One-off compilations get the MLIR emitters back where this call turned them off.
   assert host_memory.one_off_compile_options() == (
       {"xla_cpu_use_fusion_emitters": True} if emitters_off else {})
@@ -307,3 +308,49 @@ def test_page_out_compiler_code_drops_resident_code_and_keeps_its_contents(tmp_p
   assert same == "True"
   assert int(jaxlib_mappings) >= 1
   assert float(value) == pytest.approx(8 * 0.7615942, rel=1e-6)
+
+
+def test_eigen_convs_flag_only_on_cpu_and_never_over_the_users(monkeypatch):
+  """`use_eigen_cpu_convs` sets XLA's YNNPACK fusion types to its default less convolutions
+  where JAX runs on the CPU with a jaxlib that has the flag; a user's own setting wins."""
+  flag = "--xla_cpu_experimental_ynn_fusion_type"
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  assert not host_memory.use_eigen_cpu_convs(False) and not host_memory.eigen_cpu_convs()
+  assert host_memory.use_eigen_cpu_convs(True) and host_memory.eigen_cpu_convs()
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                     f"{flag}=individual_dot,reduce")
+  assert not host_memory.use_eigen_cpu_convs(True)  # set once
+  monkeypatch.setenv("XLA_FLAGS", f"{flag}=individual_dot,reduce,individual_convolution")
+  assert not host_memory.use_eigen_cpu_convs(True) and not host_memory.eigen_cpu_convs()
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+  assert not host_memory.use_eigen_cpu_convs(True) and os.environ["XLA_FLAGS"] == ""
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setattr(host_memory.importlib.metadata, "version", lambda name: "0.9.2")
+  assert not host_memory.use_eigen_cpu_convs(True) and os.environ["XLA_FLAGS"] == ""
+
+
+_YNN_PROBE = """
+import sys
+from seq2seq_jax import host_memory
+host_memory.use_eigen_cpu_convs(sys.argv[1] == "eigen")
+import jax, jax.numpy as jnp
+x, w = jnp.ones((1, 50, 50, 64)), jnp.ones((3, 3, 64, 64))
+f = jax.jit(lambda a, b: jax.lax.conv_general_dilated(
+    a, b, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+print("ynn" if "__ynn_fusion" in f.lower(x, w).compile().as_text() else "eigen")
+"""
+
+
+def test_the_flag_takes_convolutions_out_of_ynnpack():
+  """What the flag is for: jaxlib's XLA CPU compiles an unpadded conv into a YNNPACK fusion by
+  default, and into its own (Eigen) convolution with the flag set."""
+  repo = str(pathlib.Path(__file__).resolve().parents[1])
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+  for mode in ("ynn", "eigen"):
+    out = subprocess.run([sys.executable, "-c", _YNN_PROBE, mode], capture_output=True,
+                         text=True, env=env, cwd=repo, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == mode

@@ -127,12 +127,15 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   if ndims == 3:
     from seq2seq_jax.models import conv3d  # conv3d builds on this module's 2D convs
     return conv3d.conv3d(x, kernel, stride, pads)
-  fwd = gemm_conv.forward_form(x.shape, kernel.shape, stride)
+  amx = gemm_conv.amx_bf16() and x.dtype == jnp.bfloat16
+  # bf16 on AMX keeps the GEMM forms chosen there (with YNNPACK's convs), Eigen's or not.
+  eigen = False if amx else None
+  fwd = gemm_conv.forward_form(x.shape, kernel.shape, stride, eigen)
   if fwd == "rows" and not gemm_conv.loops_enabled():
     fwd = "rows_untiled"  # a static argument of the custom VJP, so traces are not shared
-  grad = gemm_conv.grad_form(x.shape, kernel.shape, stride)
+  grad = gemm_conv.grad_form(x.shape, kernel.shape, stride, eigen)
   dx = "xla"
-  if gemm_conv.amx_bf16() and x.dtype == jnp.bfloat16:
+  if amx:
     dx, grad = gemm_conv.amx_forms(x.shape, kernel.shape, stride, grad, pads)
   if fwd == grad == dx == "xla":
     return _xla_conv(x, kernel, stride, pads)  # no custom VJP: nothing to gain, fusion intact

@@ -20,6 +20,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from seq2seq_jax import host_memory
+
 _LOOPS = contextvars.ContextVar("seq2seq_jax_conv_loops", default=True)
 
 
@@ -92,8 +94,18 @@ MIN_ROWS_MACS = 1 << 27
 ROWS_TILE_BYTES = 1 << 20
 
 
-def forward_form(x_shape, kernel_shape, stride: int) -> str:
+# With Eigen's convs, the narrow forms stay where they still win: k²·cout columns at most.
+EIGEN_NARROW_COLUMNS = 160
+
+
+def forward_form(x_shape, kernel_shape, stride: int, eigen: bool | None = None) -> str:
   """Which forward suits a 2D conv (static shapes): 'narrow', 'rows' or 'xla'.
+
+  With XLA CPU's Eigen convolutions (`eigen`, default `host_memory.eigen_cpu_convs()`), XLA's
+  own conv is the fastest forward measured on every layer (brats2d's at 222-307 GFLOP/s,
+  against 168-227 as rows) but the narrowest (a quarter or fewer of the inputs, k²·cout ≤
+  EIGEN_NARROW_COLUMNS: the 7×7 →3 and folded 5×5×5 16→1 output convs, 3× faster as
+  narrow). Otherwise (YNNPACK's convs, XLA CPU's default):
 
   - narrow (`shifted_gemm_conv`): stride 1 and few outputs (k²·cout ≤ 1024 columns, at most a
     quarter of the inputs), where XLA CPU's convolution runs at 2-3 GFLOP/s;
@@ -109,6 +121,8 @@ def forward_form(x_shape, kernel_shape, stride: int) -> str:
   cin, cout = kernel_shape[-2:]
   if len(x_shape) != 4 or stride != 1 or k == 1:
     return "xla"
+  if _eigen(eigen):
+    return "narrow" if 4 * cout <= cin and cout * k * k <= EIGEN_NARROW_COLUMNS else "xla"
   if 4 * cout <= cin and cout * k * k <= 1024:
     return "narrow"
   macs = x_shape[0] * math.prod(n - k + 1 for n in x_shape[1:3]) * k * k * cin * cout
@@ -125,8 +139,8 @@ def per_example_narrow(x_shape, kernel_shape, stride: int) -> bool:
   input: `dce4d`'s step (32→16, 16→8 and 8→1 decoder convs) 0.614 / 0.647 s with this
   against 0.708 / 0.683, XLA temporaries 913 → 694 MB.
   """
-  if len(x_shape) == 4:
-    return forward_form(x_shape, kernel_shape, stride) == "narrow"
+  if len(x_shape) == 4:  # against the patches form, not XLA's conv: Eigen's changes nothing
+    return forward_form(x_shape, kernel_shape, stride, eigen=False) == "narrow"
   k = kernel_shape[0]
   cin, cout = kernel_shape[-2:]
   return len(x_shape) == 5 and stride == 1 and 2 * cout <= cin and k ** 3 * cout <= 1024
@@ -242,26 +256,52 @@ PATCHES_TO_TILE = 64 << 20
 PATCH_TILE_BYTES = 8 << 20
 
 
-def grad_form(x_shape, kernel_shape, stride: int) -> str:
+def grad_form(x_shape, kernel_shape, stride: int, eigen: bool | None = None) -> str:
   """Which kernel-gradient form suits a conv (static shapes): 'narrow', 'patches', 'wide' or
-  'xla'."""
+  'xla'.
+
+  With Eigen's convs (`forward_form`), XLA's kernel gradient runs at 213-266 GFLOP/s on
+  brats2d's stride-1 layers, faster than 'wide' (89-226) and 'narrow' except on the
+  narrowest outputs over 16k rows or more; 'wide' keeps the strided layers (18 vs 23 ms
+  with the input gradient on brats2d's 128→256 at 96²), 'patches' the few-input ones.
+  """
   ndims = len(x_shape) - 2
   k = kernel_shape[0]
   cin, cout = kernel_shape[-2:]
   rows = x_shape[0] * math.prod(-(-n // stride) for n in x_shape[1:-1])
   if ndims != 2:
     return "xla"  # never reached by 3D convs: conv_nd sends them to conv3d (2D convs)
+  if _eigen(eigen):
+    narrow = 4 * cout <= cin and cout * k ** ndims <= EIGEN_NARROW_COLUMNS
+    if stride == 1 and narrow and rows >= 1 << 14:
+      return "narrow"
+    if stride == 1 and _patches(rows, cin, k ** ndims):
+      return "patches"
+    if stride > 1 and _wide(rows, cin, cout):
+      return "wide"
+    return "xla"
   # Narrow: fewer outputs than inputs over 16k rows; a quarter or fewer over 8k rows (the toy
   # model's 32→3 output conv at 8 × 32²: 1.8 vs 2.9 ms).
   few = cout < cin and rows >= 1 << 14 or 4 * cout <= cin and rows >= 1 << 13
   if stride == 1 and cout * k ** ndims <= 1024 and few:
     return "narrow"
-  patch_bytes = rows * cin * k ** ndims * 4
-  if stride == 1 and cin * k ** ndims <= PATCH_COLUMNS and patch_bytes >= PATCHES_TO_TILE:
+  if stride == 1 and _patches(rows, cin, k ** ndims):
     return "patches"
-  if cin >= 32 and cout >= 32 and rows * cin * cout >= 1 << 24:
+  if _wide(rows, cin, cout):
     return "wide"
   return "xla"
+
+
+def _patches(rows: int, cin: int, offsets: int) -> bool:
+  return cin * offsets <= PATCH_COLUMNS and rows * cin * offsets * 4 >= PATCHES_TO_TILE
+
+
+def _wide(rows: int, cin: int, cout: int) -> bool:
+  return cin >= 32 and cout >= 32 and rows * cin * cout >= 1 << 24
+
+
+def _eigen(eigen: bool | None) -> bool:
+  return host_memory.eigen_cpu_convs() if eigen is None else eigen
 
 
 def _patches_grad(x: jnp.ndarray, dy: jnp.ndarray, k: int) -> jnp.ndarray:
@@ -390,7 +430,8 @@ def amx_forms(x_shape, kernel_shape, stride: int, grad: str,
   # dy zero-padded by k - 1 on each side: the padded input's frame plus k - 1.
   frame = tuple(n + lo + hi + k - 1 for n, (lo, hi) in zip(x_shape[1:-1], pads))
   dx = "xla"
-  if stride == 1 and forward_form(x_shape[:1] + frame + (cout,), (k, k, cout, cin), 1) == "rows":
+  dy_shape = x_shape[:1] + frame + (cout,)
+  if stride == 1 and forward_form(dy_shape, (k, k, cout, cin), 1, eigen=False) == "rows":
     dx = "rows"
   if stride == 1 and grad in ("wide", "narrow") and min(cin, cout) >= 32:
     grad = "flat_t"
