@@ -44,7 +44,7 @@ def base_config(**model_kwargs) -> ml_collections.ConfigDict:
   # Keep only conv outputs for the backward pass, recomputing norms, activations, padding and
   # upsampling: less memory at the same speed on brats2d/brats3d, 11% slower on the toy model.
   t.recompute_elementwise = False
-  # Convolutions: "cpu_tuned" (GEMM forms, 3D as 2D slices: XLA CPU's own convs are slow),
+  # Convolutions: "cpu_tuned" (3D as 2D slices and GEMM forms where XLA CPU's convs are slow),
   # "xla" (XLA's own, as cuDNN and TPUs run best), "auto": cpu_tuned on CPU, else xla.
   t.conv_forms = "auto"
   t.max_nonfinite = 10       # stop after this many non-finite steps in a row

@@ -43,9 +43,10 @@ _FORMS = contextvars.ContextVar("seq2seq_jax_conv_forms", default="auto")
 def forms(name: str) -> Iterator[None]:
   """The convolutions traced inside: `name` is one of FORMS (`config.train.conv_forms`).
 
-  - cpu_tuned: the forms below, which XLA CPU runs 1.2-100× faster than its own convs
-    (GEMMs over row-stacked or shifted inputs, 3D convs as 2D convs of depth slices, depth
-    chunks, per-shard 3D convs on depth-sharded volumes, per-example kernels as GEMMs);
+  - cpu_tuned: the forms below where XLA CPU's own convs are slow (3D convs as 2D convs of
+    depth slices, depth chunks, per-shard 3D convs on depth-sharded volumes, per-example
+    kernels as GEMMs, GEMMs over shifted inputs for narrow outputs; with YNNPACK's convs,
+    XLA CPU's default, row-stacked GEMMs for most 2D layers too: `gemm_conv.forward_form`);
   - xla: XLA's own convolutions throughout, as GPUs (cuDNN) and TPUs run them fastest: 3D
     convs as 3D convs, per-example kernels as one grouped conv, on a spatially sharded
     array each run per shard with a halo exchange (`sharded_conv.sharded_reflect_conv`);
@@ -107,14 +108,16 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
 
   XLA's own convolutions, except, with the CPU-tuned forms (`forms`), where XLA CPU is slow
   (`gemm_conv`): the forward pass of stride-1 convs (`forward_form`: a narrow-output conv
-  such as the 3-channel 7×7 output conv is 30-40× faster as `shifted_gemm_conv`, most others
-  1.2-3.5× as `row_stacked_conv`) and the kernel gradient of wide and narrow layers
-  (`kernel_grad`, GEMMs: 2-3× faster for wide layers, up to 100× for the output conv). The
-  input gradient is always XLA's, which runs at 130-170 GFLOP/s on the shapes where its
-  forward conv is slowest. 3D convs are 2D convs over depth slices (`conv3d.conv3d`), so they
-  get the same forms. In bfloat16 on CPUs with AMX tiles, whose bf16 GEMMs run 2.5-4× faster
-  than XLA's bf16 convs, the input gradient of row-stacked layers is a row-stacked conv too,
-  and wide and narrow kernel gradients take GEMMs over channel-major copies (`amx_forms`).
+  such as the 3-channel 7×7 output conv is 3-40× faster as `shifted_gemm_conv`; with
+  YNNPACK's convs, most others 1.2-3.5× as `row_stacked_conv`) and the kernel gradient of
+  narrow, strided wide and few-input layers (`kernel_grad`, GEMMs; with YNNPACK's convs all
+  wide layers). With Eigen's convs (`host_memory.eigen_cpu_convs`, `main.py`'s default on
+  CPU) XLA's conv is the faster form on every other 2D layer measured. The input gradient is
+  XLA's, which is Eigen's conv in either case (a padded conv). 3D convs are 2D convs over
+  depth slices (`conv3d.conv3d`), so they get the same forms. In bfloat16 on CPUs with AMX
+  tiles, whose bf16 GEMMs run 2.5-4× faster than XLA's bf16 convs, the YNNPACK-era forms
+  stay, the input gradient of row-stacked layers is a row-stacked conv too, and wide and
+  narrow kernel gradients take GEMMs over channel-major copies (`amx_forms`).
   """
   ndims = x.ndim - 2
   if isinstance(padding, str):
