@@ -55,13 +55,15 @@ import sys
 _SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 
 
-def _add_xla_flag(flag: str, value: bool) -> bool:
+def _add_xla_flag(flag: str, value: bool | str) -> bool:
   """Appends `flag=value` to XLA_FLAGS unless the user already set that flag there; returns
   whether it did."""
   flags = os.environ.get("XLA_FLAGS", "")
   if flag in flags:
     return False
-  os.environ["XLA_FLAGS"] = f"{flags} {flag}={'true' if value else 'false'}".strip()
+  if isinstance(value, bool):
+    value = "true" if value else "false"
+  os.environ["XLA_FLAGS"] = f"{flags} {flag}={value}".strip()
   return True
 
 
@@ -134,13 +136,9 @@ def use_eigen_cpu_convs(on: bool) -> bool:
   user's XLA_FLAGS already set it. Before the first computation, as `use_lean_cpu_scheduler`.
   Returns whether it set the flag.
   """
-  flags = os.environ.get("XLA_FLAGS", "")
-  if not on or _YNN_FLAG in flags or not _cpu_only():
+  if not on or not _cpu_only() or (_jaxlib_version() or (0, 0)) < (0, 10):
     return False
-  if (_jaxlib_version() or (0, 0)) < (0, 10):
-    return False
-  os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}={_YNN_WITHOUT_CONVS}".strip()
-  return True
+  return _add_xla_flag(_YNN_FLAG, _YNN_WITHOUT_CONVS)
 
 
 def eigen_cpu_convs() -> bool:

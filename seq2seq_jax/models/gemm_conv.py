@@ -271,33 +271,24 @@ def grad_form(x_shape, kernel_shape, stride: int, eigen: bool | None = None) -> 
   rows = x_shape[0] * math.prod(-(-n // stride) for n in x_shape[1:-1])
   if ndims != 2:
     return "xla"  # never reached by 3D convs: conv_nd sends them to conv3d (2D convs)
-  if _eigen(eigen):
-    narrow = 4 * cout <= cin and cout * k ** ndims <= EIGEN_NARROW_COLUMNS
-    if stride == 1 and narrow and rows >= 1 << 14:
-      return "narrow"
-    if stride == 1 and _patches(rows, cin, k ** ndims):
-      return "patches"
-    if stride > 1 and _wide(rows, cin, cout):
-      return "wide"
-    return "xla"
-  # Narrow: fewer outputs than inputs over 16k rows; a quarter or fewer over 8k rows (the toy
-  # model's 32→3 output conv at 8 × 32²: 1.8 vs 2.9 ms).
-  few = cout < cin and rows >= 1 << 14 or 4 * cout <= cin and rows >= 1 << 13
-  if stride == 1 and cout * k ** ndims <= 1024 and few:
+  eigen = _eigen(eigen)
+  if eigen:
+    narrow = (4 * cout <= cin and cout * k ** ndims <= EIGEN_NARROW_COLUMNS
+              and rows >= 1 << 14)
+  else:
+    # Fewer outputs than inputs over 16k rows; a quarter or fewer over 8k rows (the toy
+    # model's 32→3 output conv at 8 × 32²: 1.8 vs 2.9 ms).
+    few = cout < cin and rows >= 1 << 14 or 4 * cout <= cin and rows >= 1 << 13
+    narrow = cout * k ** ndims <= 1024 and few
+  if stride == 1 and narrow:
     return "narrow"
-  if stride == 1 and _patches(rows, cin, k ** ndims):
+  patch_bytes = rows * cin * k ** ndims * 4
+  if stride == 1 and cin * k ** ndims <= PATCH_COLUMNS and patch_bytes >= PATCHES_TO_TILE:
     return "patches"
-  if _wide(rows, cin, cout):
+  wide = cin >= 32 and cout >= 32 and rows * cin * cout >= 1 << 24
+  if wide and (stride > 1 or not eigen):
     return "wide"
   return "xla"
-
-
-def _patches(rows: int, cin: int, offsets: int) -> bool:
-  return cin * offsets <= PATCH_COLUMNS and rows * cin * offsets * 4 >= PATCHES_TO_TILE
-
-
-def _wide(rows: int, cin: int, cout: int) -> bool:
-  return cin >= 32 and cout >= 32 and rows * cin * cout >= 1 << 24
 
 
 def _eigen(eigen: bool | None) -> bool:
