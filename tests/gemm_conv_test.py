@@ -8,6 +8,7 @@ import pytest
 from seq2seq_jax import host_memory
 from seq2seq_jax.models import conv
 from seq2seq_jax.models import gemm_conv
+from seq2seq_jax.models import hyperconv
 
 # (spatial, cin, cout, k, stride, ndims): one case per branch of `kernel_grad`, the shifted-GEMM
 # forward (narrow outputs), and dims.
@@ -157,7 +158,7 @@ def test_eigen_form_policy(monkeypatch):
   # and the per-example narrow form, whose alternative is the patches form, not XLA's conv.
   monkeypatch.setattr(host_memory, "eigen_cpu_convs", lambda: True)
   assert gemm_conv.forward_form((1, 98, 98, 256), (3, 3, 256, 32), 1) == "xla"
-  assert gemm_conv.per_example_narrow((1, 98, 98, 256), (3, 3, 256, 32), 1)
+  assert hyperconv.per_example_narrow((1, 98, 98, 256), (3, 3, 256, 32), 1)
 
 
 def test_eigen_cpu_convs_follows_xla_flags(monkeypatch):
@@ -261,13 +262,12 @@ def test_shifted_gemm_conv_matches_xla_with_padding(dtype):
     ((3, 22, 19, 16), (5, 5, 16, 3)), ((2, 9, 8, 7, 16), (3, 3, 3, 16, 8))], ids=["2d", "3d"])
 def test_per_example_narrow_conv_matches_the_patches_form(x_shape, kernel_shape):
   """Forward and both gradients against autodiff of `hyperconv.per_example_conv`."""
-  from seq2seq_jax.models import hyperconv
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
   kernels = jnp.asarray(rng.standard_normal((x_shape[0],) + kernel_shape) * 0.1, jnp.float32)
-  assert gemm_conv.per_example_narrow(x.shape, kernels.shape[1:], 1)
+  assert hyperconv.per_example_narrow(x.shape, kernels.shape[1:], 1)
   y_ref, vjp_ref = jax.vjp(lambda a, w: hyperconv.per_example_conv(a, w, 1), x, kernels)
-  y, vjp = jax.vjp(gemm_conv.per_example_narrow_conv, x, kernels)
+  y, vjp = jax.vjp(hyperconv.per_example_narrow_conv, x, kernels)
   np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
   for got, want in zip(vjp(dy), vjp_ref(dy)):
@@ -278,14 +278,14 @@ def test_per_example_narrow_policy_on_dce4d_decoder():
   """3D per-example convs narrow by at least half take the narrow form at stride 1 (dce4d's
   32→16, 16→8 and 8→1 decoder convs), not same-width or strided ones; 2D follows
   `forward_form`."""
-  assert gemm_conv.per_example_narrow((2, 18, 18, 18, 32), (3, 3, 3, 32, 16), 1)
-  assert gemm_conv.per_example_narrow((2, 34, 34, 34, 16), (3, 3, 3, 16, 8), 1)
-  assert gemm_conv.per_example_narrow((2, 34, 34, 34, 8), (3, 3, 3, 8, 1), 1)
-  assert not gemm_conv.per_example_narrow((2, 10, 10, 10, 32), (3, 3, 3, 32, 32), 1)
-  assert not gemm_conv.per_example_narrow((2, 34, 34, 34, 16), (3, 3, 3, 16, 8), 2)
-  assert not gemm_conv.per_example_narrow((2, 10, 10, 10, 64), (5, 5, 5, 64, 32), 1)
-  assert gemm_conv.per_example_narrow((3, 22, 19, 16), (5, 5, 16, 3), 1)
-  assert not gemm_conv.per_example_narrow((3, 22, 19, 16), (3, 3, 16, 16), 1)
+  assert hyperconv.per_example_narrow((2, 18, 18, 18, 32), (3, 3, 3, 32, 16), 1)
+  assert hyperconv.per_example_narrow((2, 34, 34, 34, 16), (3, 3, 3, 16, 8), 1)
+  assert hyperconv.per_example_narrow((2, 34, 34, 34, 8), (3, 3, 3, 8, 1), 1)
+  assert not hyperconv.per_example_narrow((2, 10, 10, 10, 32), (3, 3, 3, 32, 32), 1)
+  assert not hyperconv.per_example_narrow((2, 34, 34, 34, 16), (3, 3, 3, 16, 8), 2)
+  assert not hyperconv.per_example_narrow((2, 10, 10, 10, 64), (5, 5, 5, 64, 32), 1)
+  assert hyperconv.per_example_narrow((3, 22, 19, 16), (5, 5, 16, 3), 1)
+  assert not hyperconv.per_example_narrow((3, 22, 19, 16), (3, 3, 16, 16), 1)
 
 
 def test_loops_off_gives_the_same_conv_without_loops():

@@ -131,21 +131,6 @@ def forward_form(x_shape, kernel_shape, stride: int, eigen: bool | None = None) 
   return "xla"
 
 
-def per_example_narrow(x_shape, kernel_shape, stride: int) -> bool:
-  """Whether a per-example conv (one kernel per example, `kernel_shape` `[*k, cin, cout]`)
-  takes `per_example_narrow_conv` rather than the patches form: in 2D where `forward_form`
-  says narrow; in 3D for stride 1 and at most half as many outputs as inputs (k³·cout ≤ 1024).
-  The patches form's autodiff gradient pads each of the k³ slices' gradient to the whole
-  input: `dce4d`'s step (32→16, 16→8 and 8→1 decoder convs) 0.614 / 0.647 s with this
-  against 0.708 / 0.683, XLA temporaries 913 → 694 MB.
-  """
-  if len(x_shape) == 4:  # against the patches form, not XLA's conv: Eigen's changes nothing
-    return forward_form(x_shape, kernel_shape, stride, eigen=False) == "narrow"
-  k = kernel_shape[0]
-  cin, cout = kernel_shape[-2:]
-  return len(x_shape) == 5 and stride == 1 and 2 * cout <= cin and k ** 3 * cout <= 1024
-
-
 def row_stacked_conv(x: jnp.ndarray, kernel: jnp.ndarray,
                      pads: Sequence[tuple[int, int]], tiled: bool = True) -> jnp.ndarray:
   """Stride-1 2D conv as one GEMM over row-stacked inputs and a shifted sum over columns.
@@ -220,10 +205,10 @@ def shifted_gemm_conv(x: jnp.ndarray, kernel: jnp.ndarray,
   w = jnp.moveaxis(kernel, -2, 0).reshape(cin, -1)  # [cin, (*k, cout)], offsets row-major
   z = lax.dot_general(x.reshape(-1, cin), w, (((1,), (0,)), ((), ())),
                       preferred_element_type=acc_dtype(x))
-  return _shifted_sum(z.reshape(x.shape[:-1] + (k ** ndims, cout)), k).astype(x.dtype)
+  return shifted_sum(z.reshape(x.shape[:-1] + (k ** ndims, cout)), k).astype(x.dtype)
 
 
-def _shifted_sum(z: jnp.ndarray, k: int) -> jnp.ndarray:
+def shifted_sum(z: jnp.ndarray, k: int) -> jnp.ndarray:
   """y[n, p] = sum_o z[n, p + o, o]: `z` `[n, *frame, k^d, cout]` (offsets row-major) →
   the VALID output `[n, *(frame - k + 1), cout]`; XLA fuses the slices and adds."""
   ndims = z.ndim - 3
@@ -491,46 +476,3 @@ def _padded_columns(dy_pad: jnp.ndarray, k: int, frame: Sequence[int]) -> jnp.nd
                                         for o, n in zip(offs, frame)) + (slice(None),)]
           for offs in itertools.product(range(k), repeat=ndims)]
   return jnp.concatenate(cols, axis=-1)
-
-
-@jax.custom_vjp
-def per_example_narrow_conv(x: jnp.ndarray, kernels: jnp.ndarray) -> jnp.ndarray:
-  """VALID stride-1 conv of example i with its own kernel i, for narrow outputs.
-
-  `x` `[b, *sp, cin]`, `kernels` `[b, *k, cin, cout]`. Forward as `shifted_gemm_conv` with a
-  batched GEMM; both gradients from the shifted-dy columns D of `shifted_columns`:
-  dW_i = x_iᵀ D_i and dx_i = D_i W_iᵀ, one batched GEMM each. Where the patches form
-  (`hyperconv.per_example_conv`) copies k^d·cin channels per pixel (1,568 for the 32→3 7×7
-  output conv), this reads and writes k^d·cout.
-  """
-  return _pe_narrow_fwd(x, kernels)[0]
-
-
-def _pe_flat_kernels(kernels):
-  b, cin = kernels.shape[0], kernels.shape[-2]
-  return jnp.moveaxis(kernels, -2, 1).reshape(b, cin, -1)  # [b, cin, (*k, cout)]
-
-
-def _pe_narrow_fwd(x, kernels):
-  b, ndims = x.shape[0], x.ndim - 2
-  k = kernels.shape[1]
-  cin, cout = kernels.shape[-2:]
-  z = jnp.einsum("bpc,bcq->bpq", x.reshape(b, -1, cin), _pe_flat_kernels(kernels),
-                 preferred_element_type=acc_dtype(x))
-  y = _shifted_sum(z.reshape(x.shape[:-1] + (k ** ndims, cout)), k)
-  return y.astype(x.dtype), (x, kernels)
-
-
-def _pe_narrow_bwd(res, dy):
-  x, kernels = res
-  b, cin = x.shape[0], x.shape[-1]
-  d = shifted_columns(dy, kernels.shape[1], x.shape[1:-1])
-  d = d.reshape(b, -1, d.shape[-1])
-  w = _pe_flat_kernels(kernels)
-  dw = jnp.einsum("bpc,bpq->bcq", x.reshape(b, -1, cin), d, preferred_element_type=acc_dtype(x))
-  dw = jnp.moveaxis(dw.reshape((b, cin) + kernels.shape[1:-2] + kernels.shape[-1:]), 1, -2)
-  dx = jnp.einsum("bpq,bcq->bpc", d, w, preferred_element_type=acc_dtype(x))
-  return dx.reshape(x.shape).astype(x.dtype), dw.astype(kernels.dtype)
-
-
-per_example_narrow_conv.defvjp(_pe_narrow_fwd, _pe_narrow_bwd)
