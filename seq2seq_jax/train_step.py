@@ -145,8 +145,12 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
     # Decided before the update, from the loss, the gradient's global norm (inf as soon as any
     # g² would overflow Adam's second moment) and the LR, so that XLA fuses update and select
     # into in-place passes (see guarded_adam). Deciding on the new params instead kept params,
-    # mu and nu all alive twice: +1.2 GB of temporaries on brats2d.
-    finite = jnp.isfinite(total) & jnp.isfinite(optax.global_norm(grads)) & jnp.isfinite(lr)
+    # mu and nu all alive twice: +1.2 GB of temporaries on brats2d. Each gradient reaches the
+    # norm through its own barrier, so that XLA cannot share the norm's g² with Adam's second
+    # moment: shared, g² was written out in full for XLA CPU's reduce (a YNNPACK kernel of its
+    # own) and read back by nu's pass.
+    norm = optax.global_norm(jax.tree_util.tree_map(jax.lax.optimization_barrier, grads))
+    finite = jnp.isfinite(total) & jnp.isfinite(norm) & jnp.isfinite(lr)
     new_params, new_opt = guarded_adam(tx, grads, opt_state, state["params"], finite)
     rng, _ = jax.random.split(state["rng"])
     new_state = {

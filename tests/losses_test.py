@@ -48,6 +48,26 @@ def test_perceptual_term_follows_the_official_definition(fixtures_dir):
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
+@pytest.mark.parametrize("per_example", [False, True])
+def test_objective_terms_are_the_three_generator_calls(fixtures_dir, per_example):
+  """rec and cyc from G(src, ct), G(src, cs) and G(G(src, ct), cs) run as separate calls: the
+  objective renders the two source-code outputs of a 2D model as one decoder call."""
+  pth, yml, npz = paths(fixtures_dir, "seq2seq_2p5d_small")
+  model, variables = load_torch_checkpoint(pth, yml)
+  z = np.load(npz)
+  src, tgt = to_model_layout(z["train_src"]), to_model_layout(z["train_tgt"])
+  cs, ct = z["train_src_code"], z["train_tgt_code"]
+  if per_example:  # one code per example, different in each
+    cs, ct = np.concatenate([cs, ct]), np.concatenate([ct, cs])
+  _, terms = seq2seq_objective(model, variables, src, tgt, cs, ct)
+  g = lambda x, c: model.apply(variables, x, c, n_outseq=1)
+  out_t = g(src, ct)
+  want_rec = smooth_l1(out_t, tgt) + smooth_l1(g(src, cs), src)
+  want_cyc = smooth_l1(g(out_t, cs), src)
+  np.testing.assert_allclose(float(terms["rec"]), float(want_rec), rtol=1e-5)
+  np.testing.assert_allclose(float(terms["cyc"]), float(want_cyc), rtol=1e-5)
+
+
 def test_perceptual_without_weights_is_a_clear_error(fixtures_dir):
   pth, yml, npz = paths(fixtures_dir, "seq2seq_nonorm_small")
   model, variables = load_torch_checkpoint(pth, yml)
