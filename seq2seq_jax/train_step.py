@@ -21,6 +21,7 @@ from seq2seq_jax.losses import seq2seq_objective
 from seq2seq_jax.models import Generator
 from seq2seq_jax.models import conv
 from seq2seq_jax.models import sharded_conv
+from seq2seq_jax.models.hyperconv import NORM_PROBES, norm_probes
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -78,6 +79,20 @@ def guarded_adam(tx: optax.GradientTransformation, grads: Any, opt_state: Any, p
   return jax.tree_util.tree_map(param, params, adam.mu, adam.nu), kept
 
 
+def sq_norm_bound(grads: Any, probes: Any, bank_norms: Any) -> jnp.ndarray:
+  """An upper bound on ‖grads‖² that is exact where each hyper bank is used once a step:
+  the banks that `probes` names (`hyperconv.norm_probes`) count as their `bank_norms` squared
+  (the probes' gradients: each the sum of its uses' norms), every other leaf as itself."""
+  probed = {jax.tree_util.keystr(path) for path, _ in
+            jax.tree_util.tree_flatten_with_path(probes)[0]}
+  total = sum(jnp.square(n) for n in jax.tree_util.tree_leaves(bank_norms))
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    if jax.tree_util.keystr(path) not in probed:
+      g = jax.lax.optimization_barrier(g)
+      total = total + jnp.sum(jnp.square(g.astype(jnp.float32)))
+  return jnp.asarray(total, jnp.float32)
+
+
 def init_state(model: Generator, config: ml_collections.ConfigDict, sample_x: Any) -> dict:
   """Fresh params with the official init, Adam state, step 0; deterministic in the seed."""
   rng = jax.random.PRNGKey(int(config.train.seed))
@@ -129,27 +144,31 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
     if tc.pair_per_batch:
       src_code, tgt_code = src_code[:1], tgt_code[:1]
 
-    def loss_fn(params):
+    def loss_fn(params, probes):
       return seq2seq_objective(
-          model, {"params": params}, batch["src"], batch["tgt"], src_code, tgt_code,
-          lambda_rec=tc.lambda_rec, lambda_cyc=tc.lambda_cyc, lambda_per=tc.lambda_per,
-          vgg=vgg)
+          model, {"params": params, NORM_PROBES: probes}, batch["src"], batch["tgt"],
+          src_code, tgt_code, lambda_rec=tc.lambda_rec, lambda_cyc=tc.lambda_cyc,
+          lambda_per=tc.lambda_per, vgg=vgg)
 
     # On a spatially sharded array the convs run per shard (`sharded_conv.sharded_reflect_conv`;
     # with the CPU-tuned forms the large 3D ones only).
+    probes = norm_probes(state["params"])
     with sharded_conv.spatial_sharding(mesh), conv.forms(tc.conv_forms):
-      (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      (total, terms), (grads, bank_norms) = jax.value_and_grad(
+          loss_fn, argnums=(0, 1), has_aux=True)(state["params"], probes)
     lr = schedule(state["step"])
     opt_state = state["opt_state"]
     opt_state.hyperparams["learning_rate"] = lr
-    # Decided before the update, from the loss, the gradient's global norm (inf as soon as any
-    # g² would overflow Adam's second moment) and the LR, so that XLA fuses update and select
-    # into in-place passes (see guarded_adam). Deciding on the new params instead kept params,
-    # mu and nu all alive twice: +1.2 GB of temporaries on brats2d. Each gradient reaches the
-    # norm through its own barrier, so that XLA cannot share the norm's g² with Adam's second
-    # moment: shared, g² was written out in full for XLA CPU's reduce (a YNNPACK kernel of its
-    # own) and read back by nu's pass.
-    norm = optax.global_norm(jax.tree_util.tree_map(jax.lax.optimization_barrier, grads))
+    # Decided before the update, from the loss, a bound on the gradient's global norm (inf as
+    # soon as any g² would overflow Adam's second moment) and the LR, so that XLA fuses update
+    # and select into in-place passes (see guarded_adam). Deciding on the new params instead
+    # kept params, mu and nu all alive twice: +1.2 GB of temporaries on brats2d. The hyper
+    # banks' norms come from their gradients' factors (`hyperconv.norm_probe`), so that their
+    # gradients (most of the state on brats2d) are never written out, only recomputed in
+    # Adam's passes. Each other gradient reaches the norm through its own barrier, so that
+    # XLA cannot share the norm's g² with Adam's second moment: shared, g² was written out in
+    # full for XLA CPU's reduce (a YNNPACK kernel of its own) and read back by nu's pass.
+    norm = jnp.sqrt(sq_norm_bound(grads, probes, bank_norms))
     finite = jnp.isfinite(total) & jnp.isfinite(norm) & jnp.isfinite(lr)
     new_params, new_opt = guarded_adam(tx, grads, opt_state, state["params"], finite)
     rng, _ = jax.random.split(state["rng"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import itertools
 
@@ -121,6 +121,61 @@ def per_example(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.nd
   return per_example_conv(x, kernels, stride)
 
 
+# The collection of `norm_probes`: one zero scalar per HyperConv, named as its bank `param`.
+NORM_PROBES = "norm_probes"
+
+
+@jax.custom_vjp
+def norm_probe(flat_kernels: jnp.ndarray, w: jnp.ndarray, probe: jnp.ndarray) -> jnp.ndarray:
+  """`flat_kernels` (= bank `[m, c_w]` @ `w`ᵀ, `[m, n]`), unchanged; `probe`'s cotangent is
+  the Frobenius norm of this use's bank gradient, ‖dK @ w‖, from the factors.
+
+  The bank's gradient is dK @ w, rank n (one row of `w` per code). Its norm straight from
+  the gradient is a pass over all of it, which XLA CPU also has to write out for its reduce;
+  from the factors it is sqrt(Σ_ij (dKᵀdK)_ij (w wᵀ)_ij), a read of dK only. A module used by
+  several renders a step sums its uses' norms: by the triangle inequality that sum bounds the
+  norm of the summed gradient, so a finite-gradient guard built on it (`train_step`) stays
+  sound; it is exact for a single use.
+  """
+  del w, probe
+  return flat_kernels
+
+
+def _probe_fwd(flat_kernels, w, probe):
+  return flat_kernels, (w, probe)
+
+
+def _probe_bwd(res, dk):
+  w, probe = res
+  dk32, w32 = dk.astype(jnp.float32), w.astype(jnp.float32)
+  sq = jnp.sum((dk32.T @ dk32) * (w32 @ w32.T))
+  # max(·, 0) against rounding below zero; NaN and inf pass through it (jnp.maximum keeps NaN).
+  return dk, jnp.zeros_like(w), jnp.sqrt(jnp.maximum(sq, 0.0)).astype(probe.dtype)
+
+
+norm_probe.defvjp(_probe_fwd, _probe_bwd)
+
+
+def norm_probes(params: Any) -> Any:
+  """Zero probes for every HyperConv in `params` (a dict holding a bank `param` and an `fc`
+  Dense), as the `NORM_PROBES` collection: `{..., 'conv1': {'param': 0.0}}`.
+
+  Passed to `apply` beside the params, the gradient of each probe is the summed norm of its
+  bank's gradient over the step's uses (`norm_probe`); without them nothing changes.
+  """
+  out = {}
+  for name, sub in params.items():
+    if not isinstance(sub, Mapping):
+      continue
+    if "param" in sub and "fc" in sub:
+      out[name] = {"param": jnp.zeros((), jnp.float32)}
+    else:
+      inner = norm_probes(sub)
+      if inner:
+        out[name] = inner
+  return out
+
+
 class HyperConv(nn.Module):
   """Conv whose kernel = param · fc(s) and bias = b · fc_bias(s).
 
@@ -167,7 +222,10 @@ class HyperConv(nn.Module):
     wb = nn.Dense(self.c_w, kernel_init=linear_init, bias_init=zeros, name="fc_bias")(s)
     # A GEMV on the bank's own [k^d·in·out, c_w] layout: as einsum("...w,nw->n..."), XLA CPU
     # first copied every bank to [c_w, ...] (brats2d: 12 × 36 MB, 270 ms of kernels a step).
-    kernels = jnp.moveaxis(param.reshape(-1, self.c_w) @ w.T, -1, 0)
+    flat = param.reshape(-1, self.c_w) @ w.T
+    if self.has_variable(NORM_PROBES, "param"):
+      flat = norm_probe(flat, w, self.get_variable(NORM_PROBES, "param"))
+    kernels = jnp.moveaxis(flat, -1, 0)
     kernels = kernels.reshape((w.shape[0],) + kshape[:-1])  # [n, *k, in, out]
     biases = wb @ b.T  # [n, out]
     x = x.astype(self.dtype)
