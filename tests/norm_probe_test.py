@@ -85,13 +85,17 @@ def test_sq_norm_bound_replaces_the_probed_banks_only():
   assert not np.isfinite(float(ts.sq_norm_bound(grads, probes, bank_norms)))
 
 
-def test_step_norm_bound_on_the_generator_objective():
-  """On the tiny generator: exact for one render, an upper bound for the whole objective."""
+@pytest.mark.parametrize("train", [{}, {"recompute_elementwise": True}, {"remat": True}],
+                         ids=["plain", "recompute_elementwise", "remat"])
+def test_step_norm_bound_on_the_generator_objective(train):
+  """On the tiny generator: exact for one render, an upper bound for the whole objective;
+  also through the lifted `nn.remat` modules of `recompute_elementwise` and `remat`."""
   from configs import tiny  # pylint: disable=import-outside-toplevel
   from experiments import benchmark as bm  # pylint: disable=import-outside-toplevel
   from seq2seq_jax import losses  # pylint: disable=import-outside-toplevel
 
   config = tiny.get_config()
+  config.train.update(train)
   model = ts.make_model(config)
   batch = bm.batch_for(config, 1, "shared")
   params = ts.init_state(model, config, batch["src"][:1])["params"]
