@@ -79,13 +79,14 @@ def guarded_adam(tx: optax.GradientTransformation, grads: Any, opt_state: Any, p
   return jax.tree_util.tree_map(param, params, adam.mu, adam.nu), kept
 
 
-def sq_norm_bound(grads: Any, probes: Any, bank_norms: Any) -> jnp.ndarray:
+def sq_norm_bound(grads: Any, bank_norms: Any) -> jnp.ndarray:
   """An upper bound on ‖grads‖² that is exact where each hyper bank is used once a step:
-  the banks that `probes` names (`hyperconv.norm_probes`) count as their `bank_norms` squared
-  (the probes' gradients: each the sum of its uses' norms), every other leaf as itself."""
-  probed = {jax.tree_util.keystr(path) for path, _ in
-            jax.tree_util.tree_flatten_with_path(probes)[0]}
-  total = sum(jnp.square(n) for n in jax.tree_util.tree_leaves(bank_norms))
+  the banks in `bank_norms` (the gradients of `hyperconv.norm_probes`, on the same paths as
+  the banks: each the sum of its uses' norms) count as those squared, every other leaf as
+  itself."""
+  norms = jax.tree_util.tree_flatten_with_path(bank_norms)[0]
+  probed = {jax.tree_util.keystr(path) for path, _ in norms}
+  total = sum(jnp.square(n) for _, n in norms)
   for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
     if jax.tree_util.keystr(path) not in probed:
       g = jax.lax.optimization_barrier(g)
@@ -168,7 +169,7 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
     # Adam's passes. Each other gradient reaches the norm through its own barrier, so that
     # XLA cannot share the norm's g² with Adam's second moment: shared, g² was written out in
     # full for XLA CPU's reduce (a YNNPACK kernel of its own) and read back by nu's pass.
-    norm = jnp.sqrt(sq_norm_bound(grads, probes, bank_norms))
+    norm = jnp.sqrt(sq_norm_bound(grads, bank_norms))
     finite = jnp.isfinite(total) & jnp.isfinite(norm) & jnp.isfinite(lr)
     new_params, new_opt = guarded_adam(tx, grads, opt_state, state["params"], finite)
     rng, _ = jax.random.split(state["rng"])
