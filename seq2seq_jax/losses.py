@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from seq2seq_jax import vgg as vgg_lib
+from seq2seq_jax.models import hyperconv
 
 
 def smooth_l1(pred: jnp.ndarray, target: jnp.ndarray, beta: float = 1.0) -> jnp.ndarray:
@@ -57,27 +58,36 @@ def seq2seq_objective(model, variables: Mapping[str, Any], src: jnp.ndarray,
   """
   if lambda_per > 0 and vgg is None:
     raise ValueError("lambda_per > 0 needs VGG19 weights: pass vgg=load_vgg19_params(path)")
+  if src_code.shape != tgt_code.shape:
+    raise ValueError(f"src_code {src_code.shape} and tgt_code {tgt_code.shape} must have the "
+                     "same shape, [1, c_s] or [b, c_s]")
   t_src, t_tgt = src.shape[1], tgt.shape[1]
+  # Both codes' hyper kernels in one pass over each bank (`Generator.hyper_kernels`).
+  n = src_code.shape[0]
+  kernels = model.apply(variables, jnp.concatenate([src_code, tgt_code]),
+                        method="hyper_kernels")
+  with_s = {**variables, hyperconv.KERNELS: hyperconv.take_codes(kernels, 0, n)}
+  with_t = {**variables, hyperconv.KERNELS: hyperconv.take_codes(kernels, n, 2 * n)}
   latent = model.apply(variables, src, method="encode")
   h_s = model.apply(variables, latent, t_src, method="decode_hidden")
   h_t = h_s if t_tgt == t_src else model.apply(variables, latent, t_tgt, method="decode_hidden")
   if src.ndim == 5:
     # 2D: G(src, cs) and the cycle's G(out_t, cs) rendered as one call, their frames side by
     # side on the time axis (the decoder runs each frame alone, and the batch axis keeps its
-    # sharding), so that each hyper kernel for cs is built, and its gradient taken, once
-    # instead of twice: brats2d 4.37/4.35/4.50 against 4.58/4.53/4.54 s a step, toy
-    # 0.110/0.108 against 0.116/0.117. In 3D the doubled render batch costs more than it
-    # saves: brats3d 2.91/2.78 against 2.67/2.77 s, XLA temporaries 456 against 377 MB.
-    out_t = model.apply(variables, h_t, tgt_code, method="render")
+    # sharding): brats2d 4.37/4.35/4.50 against 4.58/4.53/4.54 s a step, toy 0.110/0.108
+    # against 0.116/0.117 (measured when each render still built its own kernels). In 3D the
+    # doubled render batch costs more than it saves: brats3d 2.91/2.78 against 2.67/2.77 s,
+    # XLA temporaries 456 against 377 MB.
+    out_t = model.apply(with_t, h_t, tgt_code, method="render")
     h_c = model.apply(variables, model.apply(variables, out_t, method="encode"), t_src,
                       method="decode_hidden")
-    out_sc = model.apply(variables, jnp.concatenate([h_s, h_c], axis=1), src_code,
+    out_sc = model.apply(with_s, jnp.concatenate([h_s, h_c], axis=1), src_code,
                          method="render")
     out_s, out_c = out_sc[:, :t_src], out_sc[:, t_src:]
   else:
-    out_s = model.apply(variables, h_s, src_code, method="render")
-    out_t = model.apply(variables, h_t, tgt_code, method="render")
-    out_c = model.apply(variables, out_t, src_code, n_outseq=t_src)
+    out_s = model.apply(with_s, h_s, src_code, method="render")
+    out_t = model.apply(with_t, h_t, tgt_code, method="render")
+    out_c = model.apply(with_s, out_t, src_code, n_outseq=t_src)
   rec = smooth_l1(out_t, tgt) + smooth_l1(out_s, src)
   cyc = smooth_l1(out_c, src)
   if lambda_per > 0:

@@ -8,12 +8,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from seq2seq_jax.models import hyperconv
 from seq2seq_jax.models import ops
 from seq2seq_jax.models.config import norm_of, total_stride, validate_model_config
 from seq2seq_jax.models.conv import CONV_OUT, HYPER_KERNELS, linear_init, zeros
 from seq2seq_jax.models.convlstm import ConvLSTM
 from seq2seq_jax.models.decoder import HyperDecoder
 from seq2seq_jax.models.encoder import Encoder
+from seq2seq_jax.models.hyperconv import NORM_PROBES
 
 
 class Generator(nn.Module):
@@ -112,12 +114,32 @@ class Generator(nn.Module):
     depend on the target code."""
     return self.dec_convlstm(latent, n_outseq)
 
+  def style(self, code: jnp.ndarray, rows: int = 1) -> jnp.ndarray:
+    """code `[1 or rows, c_s]` → the style `[1 or rows, c_s]` that every HyperConv reads."""
+    if code.ndim != 2 or code.shape[-1] != self.c_s or code.shape[0] not in (1, rows):
+      raise ValueError(f"code must be [1, {self.c_s}] or [{rows}, {self.c_s}], got {code.shape}")
+    return ops.leaky_relu(self.style_fc(code.astype(jnp.float32)))
+
+  def hyper_kernels(self, codes: jnp.ndarray) -> dict:
+    """Every HyperConv's kernels and biases for each row of `codes` `[n, c_s]`, as the
+    `hyperconv.KERNELS` collection.
+
+    Passed to `apply` beside the params (rows `start:stop` by `hyperconv.take_codes`),
+    `render` uses them instead of building its own: the objective builds the kernels of all
+    its codes in one pass over each bank, a GEMM for n codes where each render ran a GEMV
+    (and the backward one GEMM where each render ran its own). With the `NORM_PROBES`
+    collection present, each probe's gradient is then the exact norm of its bank's gradient.
+    """
+    s = self.style(codes, codes.shape[0])
+    probes = self.variables.get(NORM_PROBES, {})
+    return hyperconv.map_hyperconvs(
+        lambda p, q: hyperconv.code_kernels(p, s, q.get("param")),
+        self.variables["params"], probes)
+
   def render(self, h: jnp.ndarray, code: jnp.ndarray) -> jnp.ndarray:
     """`decode_hidden`'s output, code `[1 or b, c_s]` → `[b, n_outseq, *spatial, c_in]`."""
     b, n_outseq = h.shape[:2]
-    if code.ndim != 2 or code.shape[-1] != self.c_s or code.shape[0] not in (1, b):
-      raise ValueError(f"code must be [1, {self.c_s}] or [{b}, {self.c_s}], got {code.shape}")
-    s = ops.leaky_relu(self.style_fc(code.astype(jnp.float32)))
+    s = self.style(code, b)
     h = h.reshape((b * n_outseq,) + h.shape[2:])
     if s.shape[0] > 1:
       s = jnp.repeat(s, n_outseq, axis=0)  # rows follow the [b, n_outseq] fold

@@ -125,55 +125,112 @@ def per_example(x: jnp.ndarray, kernels: jnp.ndarray, stride: int = 1) -> jnp.nd
 NORM_PROBES = "norm_probes"
 
 
-@jax.custom_vjp
-def norm_probe(flat_kernels: jnp.ndarray, w: jnp.ndarray, probe: jnp.ndarray) -> jnp.ndarray:
-  """`flat_kernels` (= bank `[m, c_w]` @ `w`ᵀ, `[m, n]`), unchanged; `probe`'s cotangent is
-  the Frobenius norm of this use's bank gradient, ‖dK @ w‖, from the factors.
-
-  The bank's gradient is dK @ w, rank n (one row of `w` per code). Its norm straight from
-  the gradient is a pass over all of it, which XLA CPU also has to write out for its reduce;
-  from the factors it is sqrt(Σ_ij (dKᵀdK)_ij (w wᵀ)_ij), a read of dK only. A module used by
-  several renders a step sums its uses' norms: by the triangle inequality that sum bounds the
-  norm of the summed gradient, so a finite-gradient guard built on it (`train_step`) stays
-  sound; it is exact for a single use.
-  """
-  del w, probe
-  return flat_kernels
+def is_hyperconv(tree: Any) -> bool:
+  """Whether a params subtree is a HyperConv's: a bank `param` beside an `fc` Dense."""
+  return isinstance(tree, Mapping) and "param" in tree and "fc" in tree
 
 
-def _probe_fwd(flat_kernels, w, probe):
-  return flat_kernels, (w, probe)
-
-
-def _probe_bwd(res, dk):
-  w, probe = res
-  dk32, w32 = dk.astype(jnp.float32), w.astype(jnp.float32)
-  sq = jnp.sum((dk32.T @ dk32) * (w32 @ w32.T))
-  # max(·, 0) against rounding below zero; NaN and inf pass through it (jnp.maximum keeps NaN).
-  return dk, jnp.zeros_like(w), jnp.sqrt(jnp.maximum(sq, 0.0)).astype(probe.dtype)
-
-
-norm_probe.defvjp(_probe_fwd, _probe_bwd)
-
-
-def norm_probes(params: Any) -> Any:
-  """Zero probes for every HyperConv in `params` (a dict holding a bank `param` and an `fc`
-  Dense), as the `NORM_PROBES` collection: `{..., 'conv1': {'param': 0.0}}`.
-
-  Passed to `apply` beside the params, the gradient of each probe is the summed norm of its
-  bank's gradient over the step's uses (`norm_probe`); without them nothing changes.
-  """
+def map_hyperconvs(fn: Callable[..., Any], params: Any, *trees: Any) -> Any:
+  """`fn(hyperconv_params, *the same paths of trees)` at every HyperConv of `params`, as a
+  tree of those paths only (`{'decoder': {'res_0': {'conv1': fn(...)}, ...}}`)."""
   out = {}
   for name, sub in params.items():
-    if not isinstance(sub, Mapping):
-      continue
-    if "param" in sub and "fc" in sub:
-      out[name] = {"param": jnp.zeros((), jnp.float32)}
-    else:
-      inner = norm_probes(sub)
+    if is_hyperconv(sub):
+      out[name] = fn(sub, *(t.get(name, {}) for t in trees))
+    elif isinstance(sub, Mapping):
+      inner = map_hyperconvs(fn, sub, *(t.get(name, {}) for t in trees))
       if inner:
         out[name] = inner
   return out
+
+
+def norm_probes(params: Any) -> Any:
+  """Zero probes for every HyperConv in `params`, as the `NORM_PROBES` collection:
+  `{..., 'conv1': {'param': 0.0}}`.
+
+  Passed to `apply` beside the params, the gradient of each probe is the summed norm of its
+  bank's gradient over the step's uses (`bank_kernels`); without them nothing changes.
+  """
+  return map_hyperconvs(lambda _: {"param": jnp.zeros((), jnp.float32)}, params)
+
+
+# The collection that hands a HyperConv kernels built beforehand (`code_kernels`, for all of a
+# step's codes at once): `{'kernels': [n, *k, in, out], 'biases': [n, out]}` at its path.
+KERNELS = "kernels"
+
+
+@jax.custom_vjp
+def bank_kernels(bank: jnp.ndarray, w: jnp.ndarray, probe: jnp.ndarray) -> jnp.ndarray:
+  """The flat kernels of n codes, `w` `[n, c_w]` @ `bank`ᵀ (`bank` `[m, c_w]`) → `[n, m]`;
+  `probe` (a zero scalar) gets as its cotangent the Frobenius norm of the bank's gradient.
+
+  The backward is written out for XLA CPU:
+  - the bank's gradient Σ_i dK[i] ⊗ w[i] as n broadcast products, which XLA fuses into
+    Adam's passes over the bank, so that it is never written out. Left to autodiff it is a
+    dot with n contracted, which XLA CPU runs as a library GEMM for n > 1 and writes out in
+    full (brats2d: 3.87 against 3.42 s a step for n = 2).
+  - its norm from the factors, sqrt(Σ_ij (dK dKᵀ)_ij (w wᵀ)_ij), a read of dK only, where
+    the norm of the gradient itself would be a pass over all of it (which XLA CPU also has
+    to write out for its reduce). A module used by several renders a step sums its uses'
+    norms: by the triangle inequality that sum bounds the norm of the summed gradient, so a
+    finite-gradient guard built on it (`train_step`) stays sound; it is exact for one use.
+  - w's gradient dK @ bank as Eigen's dot on an [m, n] copy of dK: on dK as it arrives,
+    [n, m], XLA CPU hands the product to YNNPACK, 8-100 ms a brats2d bank against 3 ms.
+  """
+  del probe
+  return w @ bank.T
+
+
+def _bank_fwd(bank, w, probe):
+  return w @ bank.T, (bank, w, probe)
+
+
+def _bank_bwd(res, dk):
+  bank, w, probe = res
+  if w.shape[0] <= 8:
+    dbank = dk[0][:, None] * w[0]
+    for i in range(1, w.shape[0]):
+      dbank = dbank + dk[i][:, None] * w[i]
+  else:
+    dbank = dk.T @ w
+  # The barrier keeps XLA from folding the transpose back into the dot.
+  dw = jax.lax.optimization_barrier(dk.T).T @ bank
+  dk32, w32 = dk.astype(jnp.float32), w.astype(jnp.float32)
+  sq = jnp.sum((dk32 @ dk32.T) * (w32 @ w32.T))
+  # max(·, 0) against rounding below zero; NaN and inf pass through it (jnp.maximum keeps NaN).
+  norm = jnp.sqrt(jnp.maximum(sq, 0.0)).astype(probe.dtype)
+  return dbank.astype(bank.dtype), dw.astype(w.dtype), norm
+
+
+bank_kernels.defvjp(_bank_fwd, _bank_bwd)
+
+
+def kernels_from_weights(param: jnp.ndarray, b: jnp.ndarray, w: jnp.ndarray, wb: jnp.ndarray,
+                         probe: jnp.ndarray | None = None):
+  """A HyperConv's kernels `[n, *k, in, out]` and biases `[n, out]` for the basis weights
+  `w`, `wb` `[n, c_w]` of n codes: the bank `param` `[*k, in, out, c_w]` times `w`, `b`
+  `[out, c_w]` times `wb`. With a `probe` (a zero scalar), its cotangent is the norm of the
+  bank's gradient through these kernels (`bank_kernels`)."""
+  if probe is None:
+    probe = jnp.zeros((), jnp.float32)
+  # One GEMM for the n codes on the bank's own [k^d·in·out, c_w] layout, which XLA CPU reads
+  # once (as one GEMV per code it read it n times).
+  flat = bank_kernels(param.reshape(-1, param.shape[-1]), w, probe)
+  return flat.reshape((w.shape[0],) + param.shape[:-1]), wb @ b.T
+
+
+def code_kernels(params: Mapping[str, Any], s: jnp.ndarray, probe: jnp.ndarray | None = None):
+  """`kernels_from_weights` from a HyperConv's params and the style rows `s` `[n, c_s]`: the
+  same ops as the module, for building one layer's kernels for several codes at once."""
+  dense = lambda d: s @ d["kernel"] + d["bias"]
+  kernels, biases = kernels_from_weights(params["param"], params["b"], dense(params["fc"]),
+                                         dense(params["fc_bias"]), probe)
+  return {"kernels": kernels, "biases": biases}
+
+
+def take_codes(kernels: Any, start: int, stop: int) -> Any:
+  """The `KERNELS` collection of rows `start:stop` (codes) of one built for several."""
+  return jax.tree_util.tree_map(lambda a: a[start:stop], kernels)
 
 
 class HyperConv(nn.Module):
@@ -218,22 +275,20 @@ class HyperConv(nn.Module):
     kshape = (self.kernel_size,) * self.ndims + (in_features, self.features, self.c_w)
     param = self.param("param", hyper_param_init, kshape, jnp.float32)
     b = self.param("b", zeros, (self.features, self.c_w), jnp.float32)
-    w = nn.Dense(self.c_w, kernel_init=linear_init, bias_init=zeros, name="fc")(s)
-    wb = nn.Dense(self.c_w, kernel_init=linear_init, bias_init=zeros, name="fc_bias")(s)
-    # A GEMV on the bank's own [k^d·in·out, c_w] layout: as einsum("...w,nw->n..."), XLA CPU
-    # first copied every bank to [c_w, ...] (brats2d: 12 × 36 MB, 270 ms of kernels a step).
-    flat = param.reshape(-1, self.c_w) @ w.T
-    if self.has_variable(NORM_PROBES, "param"):
-      flat = norm_probe(flat, w, self.get_variable(NORM_PROBES, "param"))
-    kernels = jnp.moveaxis(flat, -1, 0)
-    kernels = kernels.reshape((w.shape[0],) + kshape[:-1])  # [n, *k, in, out]
-    biases = wb @ b.T  # [n, out]
+    if self.has_variable(KERNELS, "kernels"):
+      kernels, biases = self._built_kernels(kshape[:-1], s.shape[0])
+    else:
+      w = nn.Dense(self.c_w, kernel_init=linear_init, bias_init=zeros, name="fc")(s)
+      wb = nn.Dense(self.c_w, kernel_init=linear_init, bias_init=zeros, name="fc_bias")(s)
+      probe = (self.get_variable(NORM_PROBES, "param")
+               if self.has_variable(NORM_PROBES, "param") else None)
+      kernels, biases = kernels_from_weights(param, b, w, wb, probe)
     x = x.astype(self.dtype)
     kernels = checkpoint_name(kernels.astype(self.dtype), conv.HYPER_KERNELS)
     biases = checkpoint_name(biases.astype(self.dtype), conv.HYPER_KERNELS)
-    if s.shape[0] == 1:
+    if kernels.shape[0] == 1:
       return conv.reflect_conv(x, kernels[0], self.stride, self.pad) + biases[0]
-    if s.shape[0] != x.shape[0]:
+    if kernels.shape[0] != x.shape[0]:
       raise ValueError(f"style has {s.shape[0]} rows but the batch has {x.shape[0]} examples; "
                        "give one code for the batch or one per example")
     # A spatially sharded array runs per shard where `sharded_reflect_conv` takes the layer.
@@ -241,3 +296,20 @@ class HyperConv(nn.Module):
     if y is None:
       y = per_example(ops.reflect_pad(x, self.pad), kernels, self.stride)
     return y + biases.reshape((biases.shape[0],) + (1,) * self.ndims + (self.features,))
+
+  def _built_kernels(self, kshape, rows: int):
+    """The `KERNELS` collection's kernels and biases, one per row of the style (`rows`): a
+    collection built per code is repeated as the decoder repeats the style rows over the
+    output frames (`Generator.render`)."""
+    kernels = self.get_variable(KERNELS, "kernels")
+    biases = self.get_variable(KERNELS, "biases")
+    n = kernels.shape[0]
+    if kernels.shape[1:] != tuple(kshape) or biases.shape != (n, self.features):
+      raise ValueError(f"{self.path}: built kernels {kernels.shape} / biases {biases.shape} do "
+                       f"not fit this layer's [n, {', '.join(map(str, kshape))}] / "
+                       f"[n, {self.features}]")
+    if rows != n:
+      if n == 1 or rows % n:
+        raise ValueError(f"{self.path}: kernels built for {n} codes, the style has {rows} rows")
+      kernels, biases = jnp.repeat(kernels, rows // n, 0), jnp.repeat(biases, rows // n, 0)
+    return kernels, biases
