@@ -7,8 +7,9 @@
 as the official training step computes it (reference page, "Training objective"). The source is
 encoded once, and its decoder ConvLSTM (which does not see the code) run once, for both codes:
 the official code runs both twice on the same input, which gives the same numbers for twice
-the work. In 2D the two outputs for the source code, G(src, cs) and the cycle's
-G(G(src, ct), cs), are rendered in one decoder call.
+the work. Every hyper kernel is built for both codes in one pass over its bank
+(`Generator.hyper_kernels`) and handed to the renders. In 2D the two outputs for the source
+code, G(src, cs) and the cycle's G(G(src, ct), cs), are rendered in one decoder call.
 """
 
 from __future__ import annotations

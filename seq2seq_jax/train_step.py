@@ -80,10 +80,10 @@ def guarded_adam(tx: optax.GradientTransformation, grads: Any, opt_state: Any, p
 
 
 def sq_norm_bound(grads: Any, bank_norms: Any) -> jnp.ndarray:
-  """An upper bound on ‖grads‖² that is exact where each hyper bank is used once a step:
-  the banks in `bank_norms` (the gradients of `hyperconv.norm_probes`, on the same paths as
-  the banks: each the sum of its uses' norms) count as those squared, every other leaf as
-  itself."""
+  """An upper bound on ‖grads‖² that is exact where each hyper bank is used once a step (as
+  in `losses.seq2seq_objective`, which builds all its codes' kernels in one use): the banks
+  in `bank_norms` (the gradients of `hyperconv.norm_probes`, on the same paths as the banks:
+  each the sum of its uses' norms) count as those squared, every other leaf as itself."""
   norms = jax.tree_util.tree_flatten_with_path(bank_norms)[0]
   probed = {jax.tree_util.keystr(path) for path, _ in norms}
   total = sum(jnp.square(n) for _, n in norms)
@@ -164,7 +164,7 @@ def make_train_step(model: Generator, config: ml_collections.ConfigDict,
     # soon as any g² would overflow Adam's second moment) and the LR, so that XLA fuses update
     # and select into in-place passes (see guarded_adam). Deciding on the new params instead
     # kept params, mu and nu all alive twice: +1.2 GB of temporaries on brats2d. The hyper
-    # banks' norms come from their gradients' factors (`hyperconv.norm_probe`), so that their
+    # banks' norms come from their gradients' factors (`hyperconv.bank_kernels`), so that their
     # gradients (most of the state on brats2d) are never written out, only recomputed in
     # Adam's passes. Each other gradient reaches the norm through its own barrier, so that
     # XLA cannot share the norm's g² with Adam's second moment: shared, g² was written out in
