@@ -23,8 +23,8 @@ def test_bank_kernels_backward_is_autodiffs(n):
   got = jax.grad(lambda b, w, p: jnp.sum(hyperconv.bank_kernels(b, w, p) * r),
                  argnums=(0, 1, 2))(bank, w, zero)
   want = jax.grad(lambda b, w: jnp.sum((w @ b.T) * r), argnums=(0, 1))(bank, w)
-  np.testing.assert_array_equal(np.asarray(hyperconv.bank_kernels(bank, w, zero)),
-                                np.asarray(w @ bank.T))
+  np.testing.assert_allclose(np.asarray(hyperconv.bank_kernels(bank, w, zero)),
+                             np.asarray(w @ bank.T), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=1e-5, atol=1e-5)
   # The probe's cotangent: the norm of the bank's gradient, from dK and w alone.

@@ -178,11 +178,18 @@ def bank_kernels(bank: jnp.ndarray, w: jnp.ndarray, probe: jnp.ndarray) -> jnp.n
     [n, m], XLA CPU hands the product to YNNPACK, 8-100 ms a brats2d bank against 3 ms.
   """
   del probe
-  return w @ bank.T
+  return _product(bank, w)
+
+
+def _product(bank, w):
+  # As the bank's GEMV/GEMM `[m, n]`, then transposed (for one code a reshape): as w @ bankᵀ
+  # XLA CPU ran one code 20-30% slower (`/work/w33/n1.py`: 12 brats2d banks 35-38 ms
+  # against 29); two codes level.
+  return (bank @ w.T).T
 
 
 def _bank_fwd(bank, w, probe):
-  return w @ bank.T, (bank, w, probe)
+  return _product(bank, w), (bank, w, probe)
 
 
 def _bank_bwd(res, dk):
