@@ -29,7 +29,9 @@ class Generator(nn.Module):
 
   `encode`, `decode`, and decode's two halves `decode_hidden` (the code-independent decoder
   ConvLSTM) and `render` (the hyper decoder) are exposed (`method=`), so that several targets
-  can be decoded from one encoding and one decoder-LSTM pass. Attributes are the official
+  can be decoded from one encoding and one decoder-LSTM pass; `hyper_kernels` builds the
+  hyper decoder's kernels for several codes at once, for `render` to take (the training
+  objective's use). Attributes are the official
   config keys (see `models/config.py`), plus the compute `dtype` (params are always float32)
   and two ways of keeping less for the backward pass: `remat` (recompute blocks and
   full-resolution stages, convolutions included) and `recompute_elementwise` (keep only each
