@@ -16,7 +16,7 @@ CASES = [
     (96, 32, 3, 7, 1, 2),    # narrow output: shifted-GEMM forward, dy shifted into GEMM columns
     (64, 64, 48, 3, 1, 2),   # wide: one GEMM per offset; row-stacked forward
     (127, 64, 64, 3, 2, 2),  # wide, strided, odd size
-    (12, 3, 16, 7, 1, 2),    # few input channels: XLA's own
+    (12, 3, 16, 7, 1, 2),    # few input channels: XLA's own, the narrow input gradient
     (8, 64, 64, 3, 1, 2),    # small layer: XLA's kernel gradient, row-stacked forward
     (9, 16, 24, 5, 1, 2),    # row-stacked forward, k = 5, odd size
 ]
@@ -45,6 +45,9 @@ def test_gradients_equal_xla(case, policy, monkeypatch):
   k_shape = (case[3],) * case[5] + case[1:3]
   assert gemm_conv.grad_form(x_shape, k_shape, case[4]) == grad_form
   assert gemm_conv.forward_form(x_shape, k_shape, case[4]) == fwd_form
+  few_inputs = case == (12, 3, 16, 7, 1, 2)  # the one case whose input gradient is narrow
+  assert gemm_conv.input_grad_form(x_shape, k_shape, case[4]) == (
+      "narrow" if few_inputs else "xla")
   n, cin, cout, k, stride, ndims = case
   pads = (((k - 1) // 2, (k - 1) // 2),) * ndims
   rng = np.random.default_rng(0)
@@ -154,6 +157,13 @@ def test_eigen_form_policy(monkeypatch):
   assert forms((1, 98, 98, 128), (3, 3, 128, 256), 2) == ("wide", "xla")
   assert forms((64, 68, 68, 5), (5, 5, 5, 16)) == ("patches", "xla")
   assert forms((1, 198, 198, 3), (7, 7, 3, 64)) == ("xla", "xla")
+  # The input gradient: narrow where it outputs few channels (the first convs, 1-3 → 32-64
+  # at 7×7: 14 against 21 ms on brats2d's), XLA's elsewhere (brats3d's folded 5→16 at 5×5).
+  assert gemm_conv.input_grad_form((1, 198, 198, 3), (7, 7, 3, 64), 1) == "narrow"
+  assert gemm_conv.input_grad_form((8, 38, 38, 3), (7, 7, 3, 32), 1) == "narrow"
+  assert gemm_conv.input_grad_form((64, 68, 68, 5), (5, 5, 5, 16), 1) == "xla"
+  assert gemm_conv.input_grad_form((1, 50, 50, 256), (3, 3, 256, 256), 1) == "xla"
+  assert gemm_conv.input_grad_form((1, 198, 198, 3), (7, 7, 3, 64), 2) == "xla"
   # Unchanged with Eigen's convs: bf16 on AMX (`conv.conv_nd` asks for the YNNPACK forms)
   # and the per-example narrow form, whose alternative is the patches form, not XLA's conv.
   monkeypatch.setattr(host_memory, "eigen_cpu_convs", lambda: True)
@@ -200,15 +210,18 @@ def test_flat_kernel_gradient_equals_xla(k):
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
 
 
-def test_rows_input_gradient_equals_xla():
+@pytest.mark.parametrize("form,k,cin,cout", [("rows", 3, 24, 40), ("narrow", 7, 3, 16),
+                                              ("narrow", 5, 2, 40)])
+def test_input_gradient_forms_equal_xla(form, k, cin, cout):
+  """Asymmetric pads and a non-square frame, so the crop of the full conv is checked."""
   rng = np.random.default_rng(3)
   pads = ((1, 2), (0, 1))
-  x = jnp.asarray(rng.standard_normal((2, 21, 23, 24)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((3, 3, 24, 40)) * 0.1, jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 21, 23, cin)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.1, jnp.float32)
   y, vjp = jax.vjp(lambda a: conv._xla_conv(a, w, 1, pads), x)
   dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
   want = vjp(dy)[0]
-  got = gemm_conv.rows_input_grad(dy, w, pads)
+  got = gemm_conv.input_grad(dy, w, pads, form)
   assert got.shape == x.shape
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
 

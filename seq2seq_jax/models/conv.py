@@ -137,7 +137,7 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   if fwd == "rows" and not gemm_conv.loops_enabled():
     fwd = "rows_untiled"  # a static argument of the custom VJP, so traces are not shared
   grad = gemm_conv.grad_form(x.shape, kernel.shape, stride, eigen)
-  dx = "xla"
+  dx = gemm_conv.input_grad_form(x.shape, kernel.shape, stride)
   if amx:
     dx, grad = gemm_conv.amx_forms(x.shape, kernel.shape, stride, grad, pads)
   if fwd == grad == dx == "xla":
@@ -185,8 +185,8 @@ def _conv_bwd(stride, pads, fwd, grad, dx_form, res, dy):
   if grad == dx_form == "xla":
     grads = jax.vjp(lambda x_, k_: _xla_conv(x_, k_, stride, pads), x, kernel)[1](dy)
   else:
-    if dx_form == "rows":
-      dx = gemm_conv.rows_input_grad(dy, kernel, pads)
+    if dx_form in ("rows", "narrow"):
+      dx = gemm_conv.input_grad(dy, kernel, pads, dx_form)
     else:
       dx = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, pads), x)[1](dy)[0]
     if grad == "xla":

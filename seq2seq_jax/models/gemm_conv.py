@@ -414,13 +414,37 @@ def amx_forms(x_shape, kernel_shape, stride: int, grad: str,
   return dx, grad
 
 
-def rows_input_grad(dy: jnp.ndarray, kernel: jnp.ndarray,
-                    pads: Sequence[tuple[int, int]]) -> jnp.ndarray:
-  """d loss / d x of a stride-1 2D `_xla_conv(x, kernel, 1, pads)` as a `row_stacked_conv`:
-  the full conv of dy with the flipped, in/out-swapped kernel, cropped by `pads`."""
+def input_grad_form(x_shape, kernel_shape, stride: int) -> str:
+  """Which input gradient suits a 2D conv (static shapes): 'narrow' or 'xla'.
+
+  The input gradient is the full conv of dy (cout channels in) with the flipped kernel (cin
+  out). Where that conv is as narrow as `forward_form`'s narrowest (a quarter or fewer of its
+  inputs, k²·cin ≤ EIGEN_NARROW_COLUMNS: the first convs, 7×7 from 1-3 channels), the
+  shifted GEMM (`shifted_gemm_conv`) beats XLA's (Eigen's, with or without YNNPACK's convs):
+  brats2d's 3→64 at 192² 14 against 21 ms, toy's 3→32 at 8 × 32² 1.2-1.9 against 3.2,
+  1→64 at 192² 2.9 against 7.9 (`experiments/README.md`, "thirty-first session").
+  """
+  k = kernel_shape[0]
+  cin, cout = kernel_shape[-2:]
+  if len(x_shape) != 4 or stride != 1 or k == 1:
+    return "xla"
+  return "narrow" if 4 * cin <= cout and cin * k * k <= EIGEN_NARROW_COLUMNS else "xla"
+
+
+def input_grad(dy: jnp.ndarray, kernel: jnp.ndarray, pads: Sequence[tuple[int, int]],
+               form: str) -> jnp.ndarray:
+  """d loss / d x of a stride-1 2D `_xla_conv(x, kernel, 1, pads)`: the full conv of dy with
+  the flipped, in/out-swapped kernel, cropped by `pads`, as a `row_stacked_conv` ('rows') or
+  a `shifted_gemm_conv` ('narrow')."""
   k = kernel.shape[0]
   flipped = jnp.flip(kernel, (0, 1)).swapaxes(-1, -2)
-  dxp = row_stacked_conv(dy, flipped, ((k - 1, k - 1),) * 2, tiled=loops_enabled())
+  full = ((k - 1, k - 1),) * 2
+  if form == "rows":
+    dxp = row_stacked_conv(dy, flipped, full, tiled=loops_enabled())
+  elif form == "narrow":
+    dxp = shifted_gemm_conv(dy, flipped, full)
+  else:
+    raise ValueError(f"input_grad form must be 'rows' or 'narrow', got {form!r}")
   (top, bottom), (left, right) = pads
   return dxp[:, top:dxp.shape[1] - bottom, left:dxp.shape[2] - right]
 
