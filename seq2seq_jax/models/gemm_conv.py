@@ -421,8 +421,9 @@ def input_grad_form(x_shape, kernel_shape, stride: int) -> str:
   out). Where that conv is as narrow as `forward_form`'s narrowest (a quarter or fewer of its
   inputs, k²·cin ≤ EIGEN_NARROW_COLUMNS: the first convs, 7×7 from 1-3 channels), the
   shifted GEMM (`shifted_gemm_conv`) beats XLA's (Eigen's, with or without YNNPACK's convs):
-  brats2d's 3→64 at 192² 14 against 21 ms, toy's 3→32 at 8 × 32² 1.2-1.9 against 3.2,
-  1→64 at 192² 2.9 against 7.9 (`experiments/README.md`, "thirty-first session").
+  brats2d's 3→64 at 192² 14 against 20-23 ms, the toy model's 3→16 at 8 × 32² 1.5 against
+  2.0, 1→64 at 192² 2.9 against 7.9 (jitted alone; `experiments/README.md`, "thirty-first
+  session").
   """
   k = kernel_shape[0]
   cin, cout = kernel_shape[-2:]
