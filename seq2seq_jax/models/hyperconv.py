@@ -15,6 +15,7 @@ from seq2seq_jax.models import ops
 from seq2seq_jax.models import conv
 from seq2seq_jax.models import gemm_conv
 from seq2seq_jax.models import sharded_conv
+from seq2seq_jax.models import upsample_conv
 from seq2seq_jax.models.conv import linear_init, zeros
 
 # Official init of `param`: kaiming-normal with torch's fan-in of a [out, in, *k, c_w] tensor,
@@ -272,12 +273,15 @@ class HyperConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
-    if self.pre is not None:
+    # ×2 upsampling before a shared 3×3 kernel may be folded into the conv (`_conv`).
+    upsample = self.pre is ops.upsample2x
+    if self.pre is not None and not upsample:
       x = self.pre(x)
-    y = conv.conv_output(self._conv(x, s))
+    y = conv.conv_output(self._conv(x, s, upsample))
     return y if self.post is None else self.post(y)
 
-  def _conv(self, x: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
+  def _conv(self, x: jnp.ndarray, s: jnp.ndarray, upsample: bool = False) -> jnp.ndarray:
+    """The conv of `x` (upsampled first if `upsample`) with this layer's kernels."""
     in_features = x.shape[-1]
     kshape = (self.kernel_size,) * self.ndims + (in_features, self.features, self.c_w)
     param = self.param("param", hyper_param_init, kshape, jnp.float32)
@@ -293,6 +297,11 @@ class HyperConv(nn.Module):
     x = x.astype(self.dtype)
     kernels = checkpoint_name(kernels.astype(self.dtype), conv.HYPER_KERNELS)
     biases = checkpoint_name(biases.astype(self.dtype), conv.HYPER_KERNELS)
+    if upsample:
+      if kernels.shape[0] == 1 and upsample_conv.wanted(x.shape, kernels.shape[1:],
+                                                        self.stride, self.pad):
+        return upsample_conv.upsampled_reflect_conv(x, kernels[0]) + biases[0]
+      x = ops.upsample2x(x)
     if kernels.shape[0] == 1:
       return conv.reflect_conv(x, kernels[0], self.stride, self.pad) + biases[0]
     if kernels.shape[0] != x.shape[0]:
