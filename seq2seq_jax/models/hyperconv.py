@@ -259,7 +259,9 @@ class HyperConv(nn.Module):
     ndims: 2 or 3.
     dtype: compute dtype for the convolution.
     pre, post: applied to the input (upsampling) and to the output (norm, activation):
-      inside the module, so that `nn.remat(HyperConv)` recomputes them too.
+      inside the module, so that `nn.remat(HyperConv)` recomputes them too. `pre` =
+      `ops.upsample2x` before a shared kernel may be folded into the conv
+      (`upsample_conv.wanted`: large 2D 3×3 layers on the CPU).
   """
   features: int
   kernel_size: int
