@@ -114,8 +114,8 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   wide layers). With Eigen's convs (`host_memory.eigen_cpu_convs`, `main.py`'s default on
   CPU) XLA's conv is the faster form on every other 2D layer measured. The input gradient is
   XLA's, which is Eigen's conv in either case (a padded conv), except where it has few
-  outputs (the first convs' 1-3 input channels: `gemm_conv.input_grad_form`). 3D convs are 2D convs over
-  depth slices (`conv3d.conv3d`), so they get the same forms. In bfloat16 on CPUs with AMX
+  outputs (the first convs' 1-3 input channels: `gemm_conv.input_grad_form`). 3D convs are
+  2D convs over depth slices (`conv3d.conv3d`), so they get the same forms. In bfloat16 on CPUs with AMX
   tiles, whose bf16 GEMMs run 2.5-4× faster than XLA's bf16 convs, the YNNPACK-era forms
   stay, the input gradient of row-stacked layers is a row-stacked conv too, and wide and
   narrow kernel gradients take GEMMs over channel-major copies (`amx_forms`).

@@ -76,18 +76,14 @@ def upsampled_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   y = z.reshape(b, h, w, 2, 2, cout).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, cout)
 
   # The border lines, the direct way: output row 0 reads the upsampled rows (1, 0, 1), the
-  # last row (2h-2, 2h-1, 2h-2); each is the upsampling of two rows of x.
-  def rows(strip, picks):  # strip: two rows of x → one output row
-    u = ops.upsample2x(strip)[:, picks]
-    return conv.conv_nd(ops.reflect_pad(u, 1, axes=(2,)), kernel)
+  # last row (2h-2, 2h-1, 2h-2); each is the upsampling of two rows of x (columns alike).
+  def line(strip, picks, axis):  # two lines of x along `axis` → one output line
+    u = ops.upsample2x(strip)[(slice(None),) * axis + (picks,)]
+    return conv.conv_nd(ops.reflect_pad(u, 1, axes=(3 - axis,)), kernel)
 
-  def cols(strip, picks):
-    u = ops.upsample2x(strip)[:, :, picks]
-    return conv.conv_nd(ops.reflect_pad(u, 1, axes=(1,)), kernel)
-
-  top = rows(x[:, :2], [1, 0, 1])
-  bottom = rows(x[:, -2:], [2, 3, 2])
-  left = cols(x[:, :, :2], [1, 0, 1])
-  right = cols(x[:, :, -2:], [2, 3, 2])
+  top = line(x[:, :2], [1, 0, 1], 1)
+  bottom = line(x[:, -2:], [2, 3, 2], 1)
+  left = line(x[:, :, :2], [1, 0, 1], 2)
+  right = line(x[:, :, -2:], [2, 3, 2], 2)
   y = jnp.concatenate([left[:, 1:-1], y[:, 1:-1, 1:-1], right[:, 1:-1]], axis=2)
   return jnp.concatenate([top, y, bottom], axis=1).astype(x.dtype)
