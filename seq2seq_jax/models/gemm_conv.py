@@ -241,14 +241,18 @@ PATCHES_TO_TILE = 64 << 20
 PATCH_TILE_BYTES = 8 << 20
 
 
-def grad_form(x_shape, kernel_shape, stride: int, eigen: bool | None = None) -> str:
-  """Which kernel-gradient form suits a conv (static shapes): 'narrow', 'patches', 'wide' or
-  'xla'.
+def grad_form(x_shape, kernel_shape, stride: int, eigen: bool | None = None,
+              pads: Sequence[tuple[int, int]] = ()) -> str:
+  """Which kernel-gradient form suits a conv (static shapes): 'narrow', 'patches', 'wide',
+  'prepadded' or 'xla'.
 
   With Eigen's convs (`forward_form`), XLA's kernel gradient runs at 213-266 GFLOP/s on
   brats2d's stride-1 layers, faster than 'wide' (89-226) and 'narrow' except on the
   narrowest outputs over 16k rows or more; 'wide' keeps the strided layers (18 vs 23 ms
   with the input gradient on brats2d's 128→256 at 96²), 'patches' the few-input ones.
+  Where such a conv has zero `pads`, 'prepadded': XLA's kernel gradient of the VALID conv
+  of x zero-padded beforehand (`prepadded_kernel_grad`), as Eigen's is slower with the
+  padding in its window.
   """
   ndims = len(x_shape) - 2
   k = kernel_shape[0]
@@ -273,6 +277,8 @@ def grad_form(x_shape, kernel_shape, stride: int, eigen: bool | None = None) -> 
   wide = cin >= 32 and cout >= 32 and rows * cin * cout >= 1 << 24
   if wide and (stride > 1 or not eigen):
     return "wide"
+  if eigen and stride == 1 and any(lo or hi for lo, hi in pads):
+    return "prepadded"
   return "xla"
 
 
