@@ -17,10 +17,12 @@ if __name__ == "__main__":  # as main.py: time the step as training runs it (hos
   from seq2seq_jax import host_memory as _hm
   _hm.use_malloc_huge_pages()
 
+import functools
 import json
 import os
 import resource
 import time
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -98,22 +100,30 @@ def _time(fn, steps: int) -> list[float]:
   return times
 
 
+# Calls of the reference conv read right before each timed step: a shared VM's speed drifts
+# within minutes, so each step is also set against the reference of its own moment.
+PAIRED_REF_RUNS = 5
 # 2 FLOP per multiply-add of 256 × 256 channels, at each (output, tap) pair that meets the
 # image: (3·48 − 2)² of them per image under SAME padding (XLA CPU's count, checked by
 # tests/perf_tools_test.py; JAX's CUDA backend counts the conv as -1).
 CONV_REF_FLOPS = 2 * (3 * 48 - 2) ** 2 * 256 * 256
 
 
-def conv_reference() -> float:
-  """GFLOP/s of one 256→256-channel 3×3 conv on a 48² image (batch 1), the machine's conv
-  peak that the whole step is measured against."""
+@functools.lru_cache(maxsize=None)
+def _conv_ref_call() -> Callable[[], jax.Array]:
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 48, 48, 256)), jnp.float32)
   k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 256, 256)), jnp.float32)
   f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
-  flops = CONV_REF_FLOPS  # XLA's CPU count is the same; its CUDA backend gives -1
   jax.block_until_ready(f(x, k))
-  return flops / np.median(_time(lambda: f(x, k), 20)) / 1e9
+  return lambda: f(x, k)
+
+
+def conv_reference(runs: int = 20) -> float:
+  """GFLOP/s of one 256→256-channel 3×3 conv on a 48² image (batch 1), the machine's conv
+  peak that the whole step is measured against (median of `runs` calls)."""
+  flops = CONV_REF_FLOPS  # XLA's CPU count is the same; its CUDA backend gives -1
+  return flops / np.median(_time(_conv_ref_call(), runs)) / 1e9
 
 
 def batch_for(config, t: int, codes: str) -> dict:
@@ -251,8 +261,10 @@ def main(argv):
     return
   state, m = compiled(state, gbatch, vgg)
   jax.block_until_ready(m)
-  times = []
+  times, paired_refs = [], []
   for _ in range(FLAGS.steps):
+    if FLAGS.conv_ref:  # the reference again right before each step (`fraction_paired`)
+      paired_refs.append(conv_reference(PAIRED_REF_RUNS))
     t1 = time.perf_counter()
     state, m = compiled(state, gbatch, vgg)
     jax.block_until_ready(m)
@@ -275,7 +287,7 @@ def main(argv):
       # What XLA ran under (set by the user, and by `host_memory` on a CPU): A/B runs of a
       # flag, e.g. `--xla_gpu_force_conv_nhwc`, tell their rows apart by it.
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "sec_per_step": sec, "steps_per_s": 1.0 / sec,
+      "sec_per_step": sec, "steps_per_s": 1.0 / sec, "step_times": times,
       "voxels_per_s": float(np.prod(gbatch["src"].shape)) / sec,
       "compile_s": compile_s,
       "peak_rss_compile_mb": rss_after_compile,
@@ -300,6 +312,9 @@ def main(argv):
     out["conv_ref_gflops"] = max(conv_refs)
     out["fraction_of_conv_ref"] = (out["achieved_gflops"] / out["conv_ref_gflops"]
                                    if flops else None)
+    out["conv_ref_paired_readings"] = paired_refs
+    out["fraction_paired"] = (float(np.median([flops / 1e9 / t / r for t, r in
+                                               zip(times, paired_refs)])) if flops else None)
   print(json.dumps(out))
 
 

@@ -79,7 +79,10 @@ def main(argv):
                     "ours_sec_per_step": med("sec_per_step", 0),
                     "official_sec_per_step": med("sec_per_step", 1),
                     "ours_peak_rss_mb": med("peak_rss_mb", 0),
-                    "official_peak_rss_mb": med("peak_rss_mb", 1)}))
+                    "official_peak_rss_mb": med("peak_rss_mb", 1),
+                    # Ours against the conv reference, each round (benchmark.py says how).
+                    "fraction_of_conv_ref": [a.get("fraction_of_conv_ref") for a, _ in rounds],
+                    "fraction_paired": [a.get("fraction_paired") for a, _ in rounds]}))
 
 
 def _run(cmd: list[str], **kwargs) -> tuple[dict, float]:

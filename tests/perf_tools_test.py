@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+
 from experiments import profile_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,6 +31,12 @@ def test_benchmark_prints_one_json_line_with_the_step_figures():
   assert len(row["conv_ref_readings"]) == 2
   assert row["conv_ref_gflops"] == max(row["conv_ref_readings"]) > 0
   assert abs(row["fraction_of_conv_ref"] - row["achieved_gflops"] / row["conv_ref_gflops"]) < 1e-9
+  # and again right before each timed step; each step against its own reading, the median.
+  assert len(row["step_times"]) == len(row["conv_ref_paired_readings"]) == 2
+  assert row["sec_per_step"] == np.median(row["step_times"])
+  per_step = [row["gflop_per_step"] / t / r
+              for t, r in zip(row["step_times"], row["conv_ref_paired_readings"])]
+  assert min(per_step) <= row["fraction_paired"] <= max(per_step) and min(per_step) > 0
   # Compiling alone gives the same step's memory plan, and runs nothing.
   plan = json.loads(_run("experiments.benchmark", "--compile_only", "--codes=shared",
                          "--config.train.cpu_heap_reuse=True").strip().splitlines()[-1])
