@@ -261,7 +261,7 @@ class HyperConv(nn.Module):
     pre, post: applied to the input (upsampling) and to the output (norm, activation):
       inside the module, so that `nn.remat(HyperConv)` recomputes them too. `pre` =
       `ops.upsample2x` before a shared kernel may be folded into the conv
-      (`upsample_conv.wanted`: large 2D 3×3 layers on the CPU).
+      (`upsample_conv.wanted`: large 3×3(×3) layers on the CPU).
   """
   features: int
   kernel_size: int
