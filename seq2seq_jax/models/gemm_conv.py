@@ -250,9 +250,9 @@ def grad_form(x_shape, kernel_shape, stride: int, eigen: bool | None = None,
   brats2d's stride-1 layers, faster than 'wide' (89-226) and 'narrow' except on the
   narrowest outputs over 16k rows or more; 'wide' keeps the strided layers (18 vs 23 ms
   with the input gradient on brats2d's 128→256 at 96²), 'patches' the few-input ones.
-  Where such a conv has zero `pads`, 'prepadded': XLA's kernel gradient of the VALID conv
-  of x zero-padded beforehand (`prepadded_kernel_grad`), as Eigen's is slower with the
-  padding in its window.
+  Where such a stride-1 conv has zero `pads`, 'prepadded': XLA's kernel gradient of the
+  VALID conv of x zero-padded beforehand (`conv._conv_bwd`), as Eigen's is slower with the
+  padding in its window (brats2d's ConvLSTM 256→768 at 48²: 31-34 against 25-28 ms).
   """
   ndims = len(x_shape) - 2
   k = kernel_shape[0]
