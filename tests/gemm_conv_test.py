@@ -161,7 +161,7 @@ def test_eigen_form_policy(monkeypatch):
   assert forms((64, 68, 68, 5), (5, 5, 5, 16)) == ("patches", "xla")
   assert forms((1, 198, 198, 3), (7, 7, 3, 64)) == ("xla", "xla")
   # XLA's kernel gradient with the padding taken first where the conv pads with zeros (the
-  # ConvLSTM's 256→768 at 48²: 24.8-27.5 against 31.3-33.6 ms alone); strided convs keep theirs.
+  # ConvLSTM's 256→768 at 48², `grad_form`'s figures); strided convs keep theirs.
   one = ((1, 1), (1, 1))
   assert gemm_conv.grad_form((1, 48, 48, 256), (3, 3, 256, 768), 1, True, one) == "prepadded"
   assert gemm_conv.grad_form((1, 48, 48, 256), (3, 3, 256, 768), 1, False, one) == "wide"

@@ -112,13 +112,15 @@ def conv_nd(x: jnp.ndarray, kernel: jnp.ndarray, stride: int = 1,
   YNNPACK's convs, most others 1.2-3.5× as `row_stacked_conv`) and the kernel gradient of
   narrow, strided wide and few-input layers (`kernel_grad`, GEMMs; with YNNPACK's convs all
   wide layers). With Eigen's convs (`host_memory.eigen_cpu_convs`, `main.py`'s default on
-  CPU) XLA's conv is the faster form on every other 2D layer measured. The input gradient is
-  XLA's, which is Eigen's conv in either case (a padded conv), except where it has few
-  outputs (the first convs' 1-3 input channels: `gemm_conv.input_grad_form`). 3D convs are
-  2D convs over depth slices (`conv3d.conv3d`), so they get the same forms. In bfloat16 on CPUs with AMX
-  tiles, whose bf16 GEMMs run 2.5-4× faster than XLA's bf16 convs, the YNNPACK-era forms
-  stay, the input gradient of row-stacked layers is a row-stacked conv too, and wide and
-  narrow kernel gradients take GEMMs over channel-major copies (`amx_forms`).
+  CPU) XLA's conv is the faster form on every other 2D layer measured, its kernel gradient
+  of a zero-padded conv taken with the padding applied first ('prepadded'). The input
+  gradient is XLA's, which is Eigen's conv in either case (a padded conv), except where it
+  has few outputs (the first convs' 1-3 input channels: `gemm_conv.input_grad_form`). 3D
+  convs are 2D convs over depth slices (`conv3d.conv3d`), so they get the same forms. In
+  bfloat16 on CPUs with AMX tiles, whose bf16 GEMMs run 2.5-4× faster than XLA's bf16
+  convs, the YNNPACK-era forms stay, the input gradient of row-stacked layers is a
+  row-stacked conv too, and wide and narrow kernel gradients take GEMMs over channel-major
+  copies (`amx_forms`).
   """
   ndims = x.ndim - 2
   if isinstance(padding, str):
@@ -194,8 +196,9 @@ def _conv_bwd(stride, pads, fwd, grad, dx_form, res, dy):
       dw = jax.vjp(lambda k_: _xla_conv(x, k_, stride, pads), kernel)[1](dy)[0]
     elif grad == "prepadded":
       # XLA moves the channels of a kernel gradient's input to its major axis first; the
-      # padding then goes into that copy, where in the conv's window Eigen's kernel
-      # gradient is slower (brats2d's ConvLSTM 256→768 at 48²: 33.6 against 26.4 ms alone).
+      # padding then goes into that copy, not into the conv's window, where Eigen's kernel
+      # gradient is slower (`gemm_conv.grad_form`). A pad right before the conv would be
+      # folded back into its window.
       xp = jnp.pad(x, ((0, 0),) + pads + ((0, 0),))
       valid = ((0, 0),) * len(pads)
       dw = jax.vjp(lambda k_: _xla_conv(xp, k_, stride, valid), kernel)[1](dy)[0]

@@ -252,7 +252,7 @@ def grad_form(x_shape, kernel_shape, stride: int, eigen: bool | None = None,
   with the input gradient on brats2d's 128→256 at 96²), 'patches' the few-input ones.
   Where such a stride-1 conv has zero `pads`, 'prepadded': XLA's kernel gradient of the
   VALID conv of x zero-padded beforehand (`conv._conv_bwd`), as Eigen's is slower with the
-  padding in its window (brats2d's ConvLSTM 256→768 at 48²: 31-34 against 25-28 ms).
+  padding in its window (brats2d's ConvLSTM 256→768 at 48²: 31-34 against 25-28 ms alone).
   """
   ndims = len(x_shape) - 2
   k = kernel_shape[0]

@@ -102,7 +102,8 @@ def upsampled_reflect_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   def face(axis, low):
     # With the face's axis first (3 lines, 1 output line), the other axes are the conv's
     # wide ones: brats3d's row and column faces as [b, 3, 66, 66] rather than [64b, 3, 66].
-    strip = jnp.moveaxis(x, axis, 1)[:, :2] if low else jnp.moveaxis(x, axis, 1)[:, -2:]
+    first = jnp.moveaxis(x, axis, 1)
+    strip = first[:, :2] if low else first[:, -2:]
     u = ops.upsample2x(strip)[:, [1, 0, 1] if low else [2, 3, 2]]
     f = conv.conv_nd(ops.reflect_pad(u, 1, axes=tuple(range(2, nd + 1))),
                      jnp.moveaxis(kernel, axis - 1, 0))
